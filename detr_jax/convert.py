@@ -1,0 +1,291 @@
+"""Official PyTorch DETR and torchvision ResNet weights <-> detr-jax Flax variables.
+
+The mapping is derived from the Flax model itself: every Flax leaf names the official key it comes
+from (``official_key``), so any variant (R50/R101, DC5, pre-norm, learned position embedding, any
+num_classes) converts with the same code, and a checkpoint that does not fit gets an error naming
+the missing, unexpected and mis-shaped keys.
+
+Layouts: conv weights torch (O, I, kh, kw) <-> Flax (kh, kw, I, O); linear weights (out, in) <-> (in,
+out); the packed attention ``in_proj_weight`` [3d, d] <-> q/k/v projections; LayerNorm weight <->
+scale; FrozenBatchNorm buffers <-> the ``buffers`` collection.
+
+Command line (``--help`` lists the flags):
+
+  python -m detr_jax.convert --config=configs/detr_coco.py:r50 \
+      --input=detr-r50-e632da11.pth --output=checkpoints/detr-r50
+"""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from detr_jax.models.detr import build_model, class_head
+
+BACKBONE_PREFIX = "backbone.0.body."
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+class CheckpointMismatchError(ValueError):
+    """A state_dict that does not fit the configured model; the message names every bad key."""
+
+
+@dataclass(frozen=True)
+class Leaf:
+    collection: str  # "params" or "buffers"
+    path: tuple[str, ...]  # Flax path inside the collection
+    shape: tuple[int, ...]  # Flax shape
+    key: str  # official state_dict key
+    qkv: int | None  # 0/1/2: the q/k/v slice of a packed in_proj entry
+
+
+def official_key(path: tuple[str, ...]) -> tuple[str, int | None]:
+    """Official state_dict key of a Flax variable path, and its q/k/v slice index if packed."""
+    *modules, leaf = path
+    parts = []
+    for m in modules:
+        if m == "backbone":
+            parts += ["backbone", "0", "body"]
+        elif m == "position_embedding":
+            parts += ["backbone", "1"]
+        elif m == "ffn":
+            continue
+        elif match := re.fullmatch(r"(encoder|decoder)_layers_(\d+)", m):
+            parts += [match[1], "layers", match[2]]
+        elif match := re.fullmatch(r"(encoder|decoder)_norm", m):
+            parts += [match[1], "norm"]
+        elif match := re.fullmatch(r"(layer\d|layers)_(\d+)", m):
+            parts += [match[1], match[2]]
+        elif m in ("downsample_conv", "downsample_bn"):
+            parts += ["downsample", "0" if m.endswith("conv") else "1"]
+        else:
+            parts.append(m)
+    if parts and parts[-1] in _QKV:
+        qkv = _QKV.index(parts.pop())
+        return ".".join(parts + ["in_proj_weight" if leaf == "kernel" else "in_proj_bias"]), qkv
+    if leaf in ("query_embed", "row_embed", "col_embed"):
+        parts.append(leaf)
+    name = "weight" if leaf in ("kernel", "scale", "query_embed", "row_embed", "col_embed") else leaf
+    return ".".join(parts + [name]), None
+
+
+def variable_shapes(model_config) -> dict:
+    """Abstract variables {collection: tree of ShapeDtypeStruct} of the model (no compute)."""
+    model = build_model(model_config)
+    image, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, mask))
+
+
+def model_leaves(model_config) -> list[Leaf]:
+    leaves = []
+    for collection, tree in variable_shapes(model_config).items():
+        for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items():
+            leaves.append(Leaf(collection, path, tuple(value.shape), *official_key(path)))
+    natural = lambda leaf: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", leaf.key)]
+    return sorted(leaves, key=natural)  # layer3.6 before layer3.10 in listings
+
+
+def _official_shape(leaf: Leaf) -> tuple[int, ...]:
+    s = leaf.shape
+    if leaf.qkv is not None:
+        return (3 * s[-1], s[0]) if len(s) == 2 else (3 * s[0],)
+    if leaf.path[-1] == "kernel" and len(s) == 4:
+        return (s[3], s[2], s[0], s[1])
+    if leaf.key == "input_proj.weight":
+        return (s[1], s[0], 1, 1)
+    if leaf.path[-1] == "kernel":
+        return (s[1], s[0])
+    return s
+
+
+def official_shapes(model_config) -> dict[str, tuple[int, ...]]:
+    """{official key: shape} that a checkpoint for this model must have."""
+    return {leaf.key: _official_shape(leaf) for leaf in model_leaves(model_config)}
+
+
+def _to_flax(leaf: Leaf, array: np.ndarray) -> np.ndarray:
+    if leaf.qkv is not None:
+        d = array.shape[0] // 3
+        array = array[leaf.qkv * d:(leaf.qkv + 1) * d]
+        return array.T if array.ndim == 2 else array
+    if leaf.path[-1] == "kernel" and array.ndim == 4 and len(leaf.shape) == 4:
+        return array.transpose(2, 3, 1, 0)
+    if leaf.path[-1] == "kernel":
+        return array.reshape(array.shape[0], -1).T  # linear, or the 1x1 input_proj conv
+    return array
+
+
+def _from_flax(leaf: Leaf, array: np.ndarray) -> np.ndarray:
+    if leaf.path[-1] == "kernel" and array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    if leaf.path[-1] == "kernel":
+        return array.T.reshape(_official_shape(leaf) if leaf.qkv is None else array.T.shape)
+    return array
+
+
+def _check(state_dict, expected: dict[str, tuple], ignore=lambda key: False, hint: str = "") -> None:
+    missing = [k for k in expected if k not in state_dict]
+    extra = [k for k in state_dict if k not in expected and not ignore(k)]
+    bad = [f"{k}: checkpoint {tuple(np.shape(state_dict[k]))}, model expects {expected[k]}"
+           for k in expected if k in state_dict and tuple(np.shape(state_dict[k])) != expected[k]]
+    if not (missing or extra or bad):
+        return
+    lines = [f"the checkpoint does not fit the configured model{hint}:"]
+    for title, items in (("missing keys", missing), ("unexpected keys", extra), ("mis-shaped keys", bad)):
+        if items:
+            shown = items[:12] + ([f"... and {len(items) - 12} more"] if len(items) > 12 else [])
+            lines.append(f"  {len(items)} {title}:\n    " + "\n    ".join(shown))
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def _check_num_classes(state_dict, model_config) -> None:
+    weight = state_dict.get("class_embed.weight")
+    if weight is not None and np.shape(weight)[0] != model_config.num_classes + 1:
+        n = np.shape(weight)[0]
+        raise CheckpointMismatchError(
+            f"class_embed.weight has {n} logits (num_classes={n - 1} + no-object) but config.model.num_classes="
+            f"{model_config.num_classes}. To evaluate this checkpoint set --config.model.num_classes={n - 1}; to "
+            "fine-tune it on your classes keep your num_classes and drop its class head "
+            "(drop_class_head=True, or --drop_class_head on the command line), which loads everything else "
+            "and initialises a new class_embed.")
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for (collection, path), value in flat.items():
+        tree.setdefault(collection, {})[path] = jnp.asarray(value)
+    return {c: flax.traverse_util.unflatten_dict(t) for c, t in tree.items()}
+
+
+def from_official_state_dict(state_dict, model_config, *, drop_class_head: bool = False, rng=None) -> dict:
+    """Flax variables {"params", "buffers"} for ``build_model(model_config)`` from an official DETR
+    state_dict (official key -> array, as in ``torch.load(f)["model"]``).
+
+    ``drop_class_head``: ignore the checkpoint's class_embed and initialise a new one for
+    ``model_config.num_classes`` from ``rng`` (fine-tuning on another set of classes).
+    """
+    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    leaves = model_leaves(model_config)
+    expected = {leaf.key: _official_shape(leaf) for leaf in leaves}
+    is_head = lambda key: key.startswith("class_embed.")
+    if drop_class_head:
+        expected = {k: s for k, s in expected.items() if not is_head(k)}
+    else:
+        _check_num_classes(state_dict, model_config)
+    _check(state_dict, expected, ignore=is_head if drop_class_head else lambda k: False)
+    flat = {(leaf.collection, leaf.path): _to_flax(leaf, np.asarray(state_dict[leaf.key], np.float32))
+            for leaf in leaves if leaf.key in expected}
+    if drop_class_head:
+        dtype = jnp.dtype(model_config.dtype)
+        head = class_head(model_config.num_classes, model_config.hidden_dim, dtype).init(
+            jax.random.PRNGKey(0) if rng is None else rng, jnp.zeros((1, model_config.hidden_dim)))
+        for name, value in head["params"].items():
+            flat[("params", ("class_embed", name))] = value
+    return _unflatten(flat)
+
+
+def to_official_state_dict(variables, model_config) -> dict[str, np.ndarray]:
+    """The inverse of ``from_official_state_dict``: official key -> float32 numpy array, loadable
+    by the official PyTorch model with ``load_state_dict(..., strict=True)``."""
+    flat = {c: flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)) for c, tree in variables.items()}
+    grouped: dict[str, list] = {}
+    for leaf in model_leaves(model_config):
+        value = np.asarray(flat[leaf.collection][leaf.path], np.float32)
+        grouped.setdefault(leaf.key, []).append((leaf.qkv, _from_flax(leaf, value)))
+    return {key: parts[0][1] if parts[0][0] is None else np.concatenate([p for _, p in sorted(parts)])
+            for key, parts in grouped.items()}
+
+
+def from_torchvision_resnet(state_dict, model_config, variables) -> dict:
+    """``variables`` with the backbone replaced by torchvision ImageNet ResNet weights
+    (``resnet50-*.pth`` keys: conv1.weight, bn1.running_mean, layer1.0.conv1.weight, ...).
+    The classifier (fc.*) and num_batches_tracked entries are ignored."""
+    leaves = [leaf for leaf in model_leaves(model_config) if leaf.key.startswith(BACKBONE_PREFIX)]
+    expected = {leaf.key[len(BACKBONE_PREFIX):]: _official_shape(leaf) for leaf in leaves}
+    _check(state_dict, expected, ignore=lambda k: k.startswith("fc.") or k.endswith("num_batches_tracked"),
+           hint=f" backbone {model_config.backbone!r} (torchvision ResNet layout)")
+    flat = {(c, p): v for c, tree in variables.items()
+            for p, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
+    for leaf in leaves:
+        array = np.asarray(state_dict[leaf.key[len(BACKBONE_PREFIX):]], np.float32)
+        flat[(leaf.collection, leaf.path)] = _to_flax(leaf, array)
+    return _unflatten(flat)
+
+
+def load_state_dict_file(path) -> dict[str, np.ndarray]:
+    """key -> numpy array from an official ``.pth`` (``{'model': state_dict}`` or a bare
+    state_dict, read without torch) or an ``.npz`` of official keys."""
+    from detr_jax import torch_pickle
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    obj = torch_pickle.load(path)
+    state_dict = obj.get("model", obj) if isinstance(obj, dict) else None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, np.ndarray) for v in state_dict.values()):
+        raise ValueError(f"{path}: expected a state_dict (key -> tensor) or {{'model': state_dict}}; "
+                         f"found {type(obj).__name__} with keys {list(obj)[:8] if isinstance(obj, dict) else '-'}")
+    return state_dict
+
+
+def convert_file(input_path, output_dir, model_config, *, source: str = "official",
+                 drop_class_head: bool = False, seed: int = 0) -> dict:
+    """Convert a checkpoint file and save it with ``detr_jax.checkpoint.save_variables``.
+
+    source "official": a DETR checkpoint; "torchvision": an ImageNet ResNet whose weights go into the
+    backbone of a freshly initialised model (seed ``seed``). Returns the variables.
+    """
+    from detr_jax import checkpoint
+
+    state_dict = load_state_dict_file(input_path)
+    rng = jax.random.PRNGKey(seed)
+    if source == "official":
+        variables = from_official_state_dict(state_dict, model_config, drop_class_head=drop_class_head, rng=rng)
+    elif source == "torchvision":
+        model = build_model(model_config)
+        fresh = jax.jit(model.init)(rng, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+        variables = from_torchvision_resnet(state_dict, model_config, fresh)
+    else:
+        raise ValueError(f"source must be 'official' or 'torchvision', got {source!r}")
+    checkpoint.save_variables(output_dir, variables, model_config)
+    return variables
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    variables = convert_file(f.input, f.output, f.config.model, source=f.source,
+                             drop_class_head=f.drop_class_head, seed=f.seed)
+    n = sum(x.size for x in jax.tree_util.tree_leaves(variables))
+    print(f"wrote {f.output}: {n:,} values ({f.source} weights from {f.input})")
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", "configs/detr_coco.py:r50", "Config file[:variant]; its "
+                                    "config.model describes the model (override with --config.model.x=...).")
+    flags.DEFINE_string("input", None, "Checkpoint to convert: official DETR .pth or .npz of official keys, "
+                        "or a torchvision ResNet .pth with --source=torchvision.", required=True)
+    flags.DEFINE_string("output", None, "Directory to write (must not exist).", required=True)
+    flags.DEFINE_enum("source", "official", ["official", "torchvision"],
+                      "official: a whole DETR model; torchvision: ImageNet ResNet weights for the backbone only.")
+    flags.DEFINE_bool("drop_class_head", False, "Initialise a new class head for config.model.num_classes "
+                      "instead of loading the checkpoint's (fine-tuning on other classes).")
+    flags.DEFINE_integer("seed", 0, "Seed for the parts initialised fresh.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,161 @@
+"""The DETR module: backbone -> input projection -> transformer -> class head and box MLP.
+
+``DETR.__call__(images, padding_mask, train=False)`` with images [B, H, W, 3] float (ImageNet-
+normalised) and padding_mask [B, H, W] bool (True = padding) returns
+
+  {"pred_logits": [B, Q, num_classes + 1] float32 (last = no-object),
+   "pred_boxes":  [B, Q, 4] float32, (cx, cy, w, h) normalised by the unpadded image size,
+   "aux_outputs": [{"pred_logits", "pred_boxes"} for decoder layers 0 .. L-2]}.
+
+With ``mutable=["intermediates"]`` it also sows backbone_features [B, h, w, C], feature_mask
+[B, h, w], pos [B, h, w, d], proj_src [B, h, w, d], memory [B, h, w, d] and hs [L, B, Q, d].
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from detr_jax.models.layers import dense
+from detr_jax.models.position import LearnedPositionEmbedding, SinePositionEmbedding, downsample_mask
+from detr_jax.models.resnet import BACKBONES
+from detr_jax.models.transformer import Transformer
+
+
+def class_head(num_classes: int, hidden_dim: int, dtype=jnp.float32) -> nn.Dense:
+    """The class head, hidden_dim -> num_classes + 1 logits (torch default init, as official)."""
+    return dense(num_classes + 1, hidden_dim, dtype, "class_embed")
+
+
+class BoxMLP(nn.Module):
+    """3-layer MLP, relu between layers: [..., d] -> [..., 4] (pre-sigmoid)."""
+    hidden_dim: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        for i, out in enumerate((self.hidden_dim, self.hidden_dim, 4)):
+            x = dense(out, x.shape[-1], self.dtype, f"layers_{i}")(x)
+            x = nn.relu(x) if i < 2 else x
+        return x
+
+
+def check_inputs(images, padding_mask) -> None:
+    """Clear errors for malformed inputs, before they become shape traces deep in the network."""
+    shape = getattr(images, "shape", None)
+    if shape is None or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"images must be float [B, H, W, 3] (NHWC, RGB, ImageNet-normalised); got shape {shape}. "
+                         "Official PyTorch NCHW batches need images.transpose(0, 2, 3, 1).")
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images must be a float array (normalised pixels); got dtype {images.dtype}")
+    mask_shape = getattr(padding_mask, "shape", None)
+    if mask_shape != shape[:3]:
+        raise ValueError(f"padding_mask must be bool [B, H, W] = {tuple(shape[:3])} matching images; got {mask_shape}")
+    if padding_mask.dtype != jnp.bool_:
+        raise ValueError(f"padding_mask must be bool (True = padding); got dtype {padding_mask.dtype}")
+
+
+class DETR(nn.Module):
+    backbone: nn.Module
+    num_classes: int = 91
+    num_queries: int = 100
+    hidden_dim: int = 256
+    num_heads: int = 8
+    num_encoder_layers: int = 6
+    num_decoder_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    activation: str = "relu"
+    norm: str = "layer_norm"
+    ffn_type: str = "mlp"
+    pre_norm: bool = False
+    position_embedding: str = "sine"
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, images, padding_mask, train: bool = False):
+        check_inputs(images, padding_mask)
+        features = self.backbone(images.astype(self.dtype))
+        mask = downsample_mask(padding_mask, features.shape[1:3])
+        half = self.hidden_dim // 2
+        if self.position_embedding == "sine":
+            pos = SinePositionEmbedding(half, name="position_embedding")(mask)
+        else:
+            pos = LearnedPositionEmbedding(half, name="position_embedding")(mask)
+        src = dense(self.hidden_dim, features.shape[-1], self.dtype, "input_proj")(features)
+        query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
+
+        b, h, w, d = src.shape
+        flat = lambda x: x.reshape(b, h * w, *x.shape[3:])
+        hs, memory = Transformer(
+            num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
+            activation=self.activation, norm=self.norm, ffn_type=self.ffn_type, pre_norm=self.pre_norm,
+            dtype=self.dtype, num_encoder_layers=self.num_encoder_layers,
+            num_decoder_layers=self.num_decoder_layers, name="transformer",
+        )(flat(src), flat(pos).astype(self.dtype), flat(mask), query_embed, train)
+
+        logits = class_head(self.num_classes, self.hidden_dim, self.dtype)(hs).astype(jnp.float32)
+        boxes = jax.nn.sigmoid(BoxMLP(self.hidden_dim, self.dtype, name="bbox_embed")(hs).astype(jnp.float32))
+        for name, value in (("backbone_features", features), ("feature_mask", mask), ("pos", pos),
+                            ("proj_src", src), ("memory", memory.reshape(b, h, w, d)), ("hs", hs)):
+            self.sow("intermediates", name, value)
+        return {
+            "pred_logits": logits[-1],
+            "pred_boxes": boxes[-1],
+            "aux_outputs": [{"pred_logits": l, "pred_boxes": x} for l, x in zip(logits[:-1], boxes[:-1])],
+        }
+
+
+def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
+    """The DETR module for ``config.model`` (see ``detr_jax.config.model_config``).
+
+    ``backbone``: with ``model_config.backbone = 'custom'``, any Flax module mapping images
+    [B, H, W, 3] to features [B, h, w, C], used instead of a named ResNet (and trained whole).
+    """
+    from detr_jax.config import ACTIVATIONS, DTYPES, FFN_TYPES, NORMS, POSITION_EMBEDDINGS
+    from detr_jax.models.resnet import ResNet
+
+    cfg = model_config
+    for field, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("ffn_type", FFN_TYPES),
+                           ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES)):
+        if cfg[field] not in allowed:
+            raise ValueError(f"config.model.{field} = {cfg[field]!r}; expected one of {', '.join(allowed)}")
+    if cfg.hidden_dim % 2 or cfg.hidden_dim % cfg.num_heads:
+        raise ValueError(f"config.model.hidden_dim ({cfg.hidden_dim}) must be even and divisible by "
+                         f"num_heads ({cfg.num_heads})")
+    dtype = jnp.dtype(cfg.dtype)
+    if (cfg.backbone == "custom") != (backbone is not None):
+        raise ValueError("a custom backbone module goes with config.model.backbone = 'custom' and "
+                         f"build_model(..., backbone=module); got backbone {cfg.backbone!r} and module {backbone!r}")
+    if backbone is None:
+        if cfg.backbone not in BACKBONES:
+            raise ValueError(f"config.model.backbone = {cfg.backbone!r}; expected one of {', '.join(BACKBONES)} "
+                             "or 'custom' (with build_model(..., backbone=module))")
+        backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, dtype=dtype)
+    return DETR(
+        backbone=backbone, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
+        hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
+        num_decoder_layers=cfg.num_decoder_layers, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+        activation=cfg.activation, norm=cfg.norm, ffn_type=cfg.ffn_type, pre_norm=cfg.pre_norm,
+        position_embedding=cfg.position_embedding, dtype=dtype,
+    )
+
+
+def trainable_mask(params, model_config):
+    """Pytree of bools over ``params``: False for the frozen ResNet stem and stages 1..frozen_stages
+    (official: stem and layer1), True elsewhere. A 'custom' backbone is trained whole."""
+    frozen_prefixes = ("conv1",) + tuple(f"layer{s}_" for s in range(1, model_config.frozen_stages + 1))
+    named_resnet = model_config.backbone in BACKBONES
+
+    def trainable(path, _):
+        keys = [p.key for p in path]
+        return not (named_resnet and keys[0] == "backbone" and keys[1].startswith(frozen_prefixes))
+
+    return jax.tree_util.tree_map_with_path(trainable, params)
+
+
+def count_trainable(params, model_config) -> int:
+    """Number of trained parameter values (official ``requires_grad`` count)."""
+    sizes = jax.tree_util.tree_leaves(jax.tree.map(lambda p, t: p.size if t else 0, params,
+                                                   trainable_mask(params, model_config)))
+    return int(sum(sizes))
