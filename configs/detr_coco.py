@@ -8,7 +8,7 @@ Convert an official checkpoint for one of them:
 """
 import ml_collections
 
-from detr_jax.config import model_config
+from detr_jax.config import loss_config, model_config
 
 VARIANTS = {
     "r50": dict(backbone="resnet50"),
@@ -26,4 +26,5 @@ def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.variant = variant
     config.model = model_config(num_classes=91, **VARIANTS[variant])
+    config.loss = loss_config()
     return config

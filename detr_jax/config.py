@@ -53,3 +53,33 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     ))
     cfg.update(overrides)
     return cfg
+
+
+def loss_config(**overrides) -> ml_collections.ConfigDict:
+    """The set-prediction loss's settings (official DETR defaults), with ``overrides`` applied.
+
+    Fields:
+      cost_class, cost_bbox, cost_giou: matching cost weights (official 1 / 5 / 2).
+      ce_weight, bbox_weight, giou_weight: loss weights of loss_ce, loss_bbox, loss_giou (1 / 5 / 2).
+      eos_coef: relative weight of the no-object class in the cross-entropy (0.1).
+      aux_loss: apply the same terms to every auxiliary decoder output.
+      matcher: "host" (scipy through jax.pure_callback) or "device" (exact, no host round-trip).
+      classification: "softmax" (official cross-entropy) or "sigmoid_focal" (focal loss).
+      focal_alpha, focal_gamma: focal-loss parameters (0.25 / 2.0).
+    """
+    cfg = ml_collections.ConfigDict(dict(
+        cost_class=1.0,
+        cost_bbox=5.0,
+        cost_giou=2.0,
+        ce_weight=1.0,
+        bbox_weight=5.0,
+        giou_weight=2.0,
+        eos_coef=0.1,
+        aux_loss=True,
+        matcher="host",
+        classification="softmax",
+        focal_alpha=0.25,
+        focal_gamma=2.0,
+    ))
+    cfg.update(overrides)
+    return cfg

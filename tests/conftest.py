@@ -40,3 +40,23 @@ def reference():
     state_dict = official_weights.make_state_dict(int(ref["weights_seed"]))
     assert official_weights.weights_sha256(state_dict) == str(ref["weights_sha256"])
     return official_weights, ref, state_dict
+
+
+def reference_outputs(ref, suffix=""):
+    """The official model's outputs in the reference dump as a model output dict."""
+    return {"pred_logits": ref["pred_logits" + suffix], "pred_boxes": ref["pred_boxes" + suffix],
+            "aux_outputs": [{"pred_logits": ref["aux_pred_logits" + suffix][l],
+                             "pred_boxes": ref["aux_pred_boxes" + suffix][l]} for l in range(5)]}
+
+
+def reference_targets(ref, max_boxes=6):
+    """The reference's 5 + 3 targets padded to ``max_boxes`` columns (labels, boxes, box_valid)."""
+    import numpy as np
+
+    labels = np.zeros((2, max_boxes), np.int32)
+    boxes = np.zeros((2, max_boxes, 4), np.float32)
+    valid = np.zeros((2, max_boxes), bool)
+    for i in range(2):
+        n = len(ref[f"tgt{i}_labels"])
+        labels[i, :n], boxes[i, :n], valid[i, :n] = ref[f"tgt{i}_labels"], ref[f"tgt{i}_boxes"], True
+    return {"labels": labels, "boxes": boxes, "box_valid": valid}
