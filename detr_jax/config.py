@@ -83,3 +83,72 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
     ))
     cfg.update(overrides)
     return cfg
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """The input pipeline's settings (official DETR COCO recipe), with ``overrides`` applied.
+
+    Fields (``detr_jax.data`` reads them; ``detr_jax.data.check_data_config`` validates them):
+      source: "tfds" (tfds_name, e.g. coco/2017), "coco_json" (an instances json and an image folder:
+        COCO or any custom dataset) or "synthetic" (the built-in shapes dataset, generated on first use).
+      data_dir: coco_json: a folder with the COCO layout (annotations/instances_{train,val}2017.json,
+        {train,val}2017/); synthetic: where it is generated (None: ~/.cache/detr_jax/synthetic-...).
+      train_annotations, train_images, val_annotations, val_images: explicit instances json and image
+        folder of a split (None: from data_dir).
+      tfds_name, tfds_data_dir, tfds_train_split, tfds_val_split: the tfds dataset (prepared with
+        ``tfds build``), its folder (None: tfds's default) and split names.
+      synthetic_num_train, synthetic_num_val, synthetic_seed: the synthetic dataset's size and seed.
+      label_mapping: "category_id" (label = category id, num_classes = max id + 1; COCO: 91, as
+        official DETR) or "contiguous" (label = index in the sorted category ids).
+      unknown_category: an annotation whose category id is not in 'categories': "error" or "skip".
+      max_boxes: target slots per image (boxes padded to it, with box_valid).
+      max_boxes_policy: an image with more objects: "keep_largest" (the smallest are left out and
+        counted) or "error".
+      flip_prob: chance of a horizontal flip (train).
+      crop_prob: chance of the crop branch (resize to one of crop_resize_scales, random crop of
+        crop_min_size..crop_max_size pixels per side, then the multi-scale resize); otherwise only
+        the multi-scale resize: short side one of train_scales, long side at most train_max_size.
+      eval_size, eval_max_size: eval resize (short side, long side at most).
+      size_divisor: canvas sizes are multiples of it (the backbone stride).
+      buckets: canvas sizes ((h, w), ...) images are padded to; None: derived from the sizes above
+        (``detr_jax.data.default_buckets``).
+      shuffle_window: tfds only: images are shuffled within windows of this many consecutive images
+        of a host's slice (memory: this many encoded images; random-access sources shuffle globally).
+      num_parallel_calls: decode/augment parallelism (-1: tf.data autotune).
+      prefetch: batches prepared ahead.
+    """
+    cfg = ml_collections.ConfigDict(dict(
+        source="tfds",
+        data_dir=None,
+        train_annotations=None,
+        train_images=None,
+        val_annotations=None,
+        val_images=None,
+        tfds_name="coco/2017",
+        tfds_data_dir=None,
+        tfds_train_split="train",
+        tfds_val_split="validation",
+        synthetic_num_train=512,
+        synthetic_num_val=128,
+        synthetic_seed=0,
+        label_mapping="category_id",
+        unknown_category="error",
+        max_boxes=100,
+        max_boxes_policy="keep_largest",
+        flip_prob=0.5,
+        crop_prob=0.5,
+        train_scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),
+        train_max_size=1333,
+        crop_resize_scales=(400, 500, 600),
+        crop_min_size=384,
+        crop_max_size=600,
+        eval_size=800,
+        eval_max_size=1333,
+        size_divisor=32,
+        buckets=None,
+        shuffle_window=4096,
+        num_parallel_calls=-1,
+        prefetch=2,
+    ))
+    cfg.update(overrides)
+    return cfg

@@ -1,0 +1,24 @@
+"""The input pipeline: sources -> decode + augment -> pad to a shape bucket -> batch -> shard.
+
+    from detr_jax.config import data_config
+    from detr_jax.data import train_batches, eval_batches
+
+    cfg = data_config(source="synthetic")
+    batches = train_batches(cfg, batch_size=8, seed=0)   # endless; batches.num_batches per epoch
+    batch = next(batches)                               # dict of numpy arrays, see pipeline.py
+    batches.info.num_classes, batches.info.category_ids(batch["labels"])
+    print(batches.report.summary())                     # what was skipped or fixed
+
+Sources: tfds COCO (``tfds_coco``), COCO-format folders (``coco_json``), the built-in synthetic
+dataset (``synthetic``). ``load_dataset(cfg, split)`` gives a ``Source`` (info, records, report,
+``ground_truth()`` for pycocotools) that ``train_batches`` / ``eval_batches`` accept to avoid
+loading twice.
+"""
+from detr_jax.data.buckets import default_buckets, padding_fraction
+from detr_jax.data.pipeline import Batches, bucket_list, eval_batches, steps_per_epoch, train_batches
+from detr_jax.data.records import DatasetInfo
+from detr_jax.data.report import Report
+from detr_jax.data.source import Source, check_data_config, load_dataset
+
+__all__ = ["Batches", "DatasetInfo", "Report", "Source", "bucket_list", "check_data_config", "default_buckets",
+           "eval_batches", "load_dataset", "padding_fraction", "steps_per_epoch", "train_batches"]

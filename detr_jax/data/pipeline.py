@@ -1,0 +1,312 @@
+"""Batches for training and evaluation: plan in numpy, then decode, augment, pad and group in tf.data.
+
+An epoch is planned before any image is read: the image order (``Source.train_order``), each
+image's transform (a stateless function of seed, epoch and image id), its output size and bucket,
+and the batch it belongs to. Batches group images of one bucket; a bucket's images fill batches in
+arrival order and batches are numbered by the arrival of their last image. tf.data then reads the
+images, decodes and augments them in parallel (order kept) and gathers each batch by its number.
+
+Batch (dict of numpy arrays, B = per-host batch size, M = max_boxes, (H, W) the batch's bucket):
+  image [B, H, W, 3] float32: RGB, ImageNet-normalised, image top-left, zeros on padding.
+  padding_mask [B, H, W] bool: True on padding.
+  boxes [B, M, 4] float32: (cx, cy, w, h) normalised by ``size``, zeros where not box_valid.
+  labels [B, M] int32; box_valid [B, M] bool.
+  image_id [B] int64; orig_size [B, 2] int32 (h, w as annotated); size [B, 2] int32 (h, w after
+    resize: the unpadded region).
+  example_valid [B] bool: False for fillers (eval: padding of a host's last batches; train and
+    eval: an image that could not be read, counted in the report). A filler is all padding,
+    no boxes, image_id -1, sizes 0.
+
+Train: ``steps_per_epoch`` batches per epoch, the same on every host, all of one bucket each; the
+images of partly filled bucket batches at an epoch's end wait for the next epoch's shuffle (at most
+buckets x (B - 1) + B per host and epoch, counted as 'epoch_leftover' when the epoch is planned). Resuming at step s plans only
+s's epoch (no image is read before it): random-access sources start at once; a tfds source reads
+(without decoding) that epoch's records up to the resume point.
+
+Eval: every image of the split exactly once over all hosts; each host gets the same number of
+batches (partial batches and missing batches filled with fillers).
+"""
+import dataclasses
+import itertools
+
+import numpy as np
+import tensorflow as tf
+
+from detr_jax.data.buckets import assign_buckets, check_buckets, default_buckets
+from detr_jax.data.source import Source, load_dataset, resolve_host
+from detr_jax.data.transforms import (NUM_DRAWS, Params, decode_rgb, eval_params, normalize_and_pad, resample_image,
+                                      safely, train_params, transform_boxes, uniforms)
+
+CHUNK = 1024  # plan rows handed to tf.data at a time (a tfds source hands its shuffle window)
+
+
+def bucket_list(data_config) -> np.ndarray:
+    """[K, 2] int64 canvas sizes: data_config.buckets, or ``default_buckets`` when None."""
+    buckets = data_config.buckets if data_config.buckets is not None else default_buckets(data_config)
+    return check_buckets(buckets, data_config.size_divisor)
+
+
+def steps_per_epoch(images_per_host: int, batch_size: int, num_buckets: int) -> int:
+    """Full batches every host can make in any epoch: each bucket may leave up to B - 1 images over."""
+    steps = (images_per_host - num_buckets * (batch_size - 1)) // batch_size
+    if steps < 1:
+        raise ValueError(f"{images_per_host} images per host cannot fill one batch of {batch_size} per epoch "
+                         f"in {num_buckets} buckets (up to {batch_size - 1} images of each may be left over); "
+                         "use a smaller batch, fewer buckets (data_config.buckets) or fewer hosts")
+    return steps
+
+
+def group_into_batches(bucket, batch_size: int):
+    """Images in arrival order with bucket [n] -> (batch [n] int64, num_full).
+
+    Each bucket's images fill batches of batch_size in arrival order. Full batches are numbered
+    0..num_full-1 by the arrival of their last image; partly filled ones follow, by bucket.
+    """
+    bucket = np.asarray(bucket, np.int64)
+    n = len(bucket)
+    if n == 0:
+        return np.zeros(0, np.int64), 0
+    by_bucket = np.argsort(bucket, kind="stable")
+    sorted_bucket = bucket[by_bucket]
+    first = np.searchsorted(sorted_bucket, sorted_bucket)
+    rank = np.arange(n) - first
+    count = np.bincount(bucket)[sorted_bucket]
+    full = rank // batch_size < count // batch_size
+    last = by_bucket[np.minimum(first + (rank // batch_size + 1) * batch_size - 1, n - 1)]
+    order_key = np.where(full, last, n + sorted_bucket)
+    numbers, batch_sorted = np.unique(order_key, return_inverse=True)
+    batch = np.empty(n, np.int64)
+    batch[by_bucket] = batch_sorted
+    return batch, int((numbers < n).sum())
+
+
+def _row_spec(max_boxes: int) -> dict:
+    """One planned image: where to read it, how to transform it, its targets and its batch."""
+    return {
+        "index": tf.TensorSpec([], tf.int64),  # row of source.records, -1 for a filler
+        "rank": tf.TensorSpec([], tf.int64),  # position in the stream
+        "key": tf.TensorSpec([], tf.int64),  # batch number, -1: not read in this run
+        "image_id": tf.TensorSpec([], tf.int64),
+        "path": tf.TensorSpec([], tf.string),
+        "encoded": tf.TensorSpec([], tf.string),
+        "orig_size": tf.TensorSpec([2], tf.int32),
+        "flip": tf.TensorSpec([], tf.bool),
+        "region": tf.TensorSpec([4], tf.float32),
+        "size": tf.TensorSpec([2], tf.int32),
+        "canvas": tf.TensorSpec([2], tf.int32),
+        "boxes": tf.TensorSpec([max_boxes, 4], tf.float32),
+        "labels": tf.TensorSpec([max_boxes], tf.int32),
+        "box_valid": tf.TensorSpec([max_boxes], tf.bool),
+    }
+
+
+def _filler_rows(keys, canvas, max_boxes: int) -> dict:
+    """Rows of fillers: batch numbers keys [n], canvases [n, 2]."""
+    n = len(keys)
+    rows = {name: np.zeros((n, *spec.shape), spec.dtype.as_numpy_dtype) for name, spec in _row_spec(max_boxes).items()}
+    rows.update(index=np.full(n, -1, np.int64), key=np.asarray(keys, np.int64), image_id=np.full(n, -1, np.int64),
+                path=np.full(n, b"", object), encoded=np.full(n, b"", object), canvas=np.asarray(canvas, np.int32))
+    return rows
+
+
+@dataclasses.dataclass
+class Plan:
+    """One pass (a train epoch or an eval pass) of one host, in stream order.
+
+    order [n]: rows of source.records; key [n]: batch number (-1: not read); params: transforms;
+    size [n, 2]: output sizes (fitted to the canvas); canvas [n, 2]: the bucket of each image.
+    """
+    order: np.ndarray
+    key: np.ndarray
+    params: Params
+    size: np.ndarray
+    canvas: np.ndarray
+
+    def rows(self, positions, source: Source, max_boxes: int) -> dict:
+        """The rows (see ``_row_spec``) of stream positions [k], targets transformed and padded to M."""
+        idx = self.order[positions]
+        params = self.params.take(positions)
+        splits = source.targets.splits
+        counts = splits[idx + 1] - splits[idx]
+        flat = np.repeat(splits[idx] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        owner = np.repeat(np.arange(len(idx)), counts)
+        boxes, keep = transform_boxes(source.targets.boxes[flat], owner, source.records.orig_size[idx], params)
+        owner, boxes, labels = owner[keep], boxes[keep], source.targets.labels[flat][keep]
+        slot = np.arange(len(owner)) - np.searchsorted(owner, owner)
+        out = _filler_rows(self.key[positions], self.canvas[positions], max_boxes)  # then filled in
+        out["boxes"][owner, slot] = boxes
+        out["labels"][owner, slot] = labels
+        out["box_valid"][owner, slot] = True
+        out.update(index=idx.astype(np.int64), rank=np.asarray(positions, np.int64),
+                   image_id=source.records.image_id[idx], path=source.records.path[idx],
+                   orig_size=source.records.orig_size[idx].astype(np.int32), flip=params.flip,
+                   region=params.region.astype(np.float32), size=self.size[positions].astype(np.int32))
+        return out
+
+
+def _fit(source: Source, order, params: Params, buckets, what: str):
+    """Buckets of the planned images -> (bucket [n], fitted sizes [n, 2]); shrunk ones reported."""
+    bucket, size, shrunk = assign_buckets(params.size, buckets)
+    names = [f"{source.records.file_name[i]} {what}: {tuple(s)}" for i, s in zip(order[shrunk][:5], params.size[shrunk])]
+    source.report.add("shrunk_to_bucket", int(shrunk.sum()), names)
+    return bucket, size
+
+
+def plan_train_epoch(source: Source, data_config, buckets, *, seed: int, epoch: int, batch_size: int,
+                     steps: int, start_step: int) -> Plan:
+    """The plan of one train epoch of this host; batch numbers are global steps, from start_step."""
+    order = source.train_order(seed, epoch)
+    draws = uniforms(seed, epoch, source.records.image_id[order], NUM_DRAWS)
+    params = train_params(draws, source.records.orig_size[order], data_config)
+    bucket, size = _fit(source, order, params, buckets, f"epoch {epoch}")
+    batch, _ = group_into_batches(bucket, batch_size)
+    batch = np.where(batch < steps, batch, -1)
+    source.report.add("epoch_leftover", int((batch < 0).sum()), [f"epoch {epoch}: {(batch < 0).sum()} images"])
+    key = np.where(batch >= 0, epoch * steps + batch, -1)
+    return Plan(order=order, key=np.where(key >= start_step, key, -1), params=params, size=size, canvas=buckets[bucket])
+
+
+def _eval_batches_of(source: Source, data_config, buckets, process_index: int, batch_size: int) -> int:
+    """How many batches host process_index needs for its eval images."""
+    order = source.eval_order(process_index)
+    bucket, _, _ = assign_buckets(eval_params(source.records.orig_size[order], data_config).size, buckets)
+    return int((-(-np.bincount(bucket) // batch_size)).sum())
+
+
+def plan_eval(source: Source, data_config, buckets, batch_size: int):
+    """-> (Plan of this host's eval images, filler rows, number of batches (equal on all hosts))."""
+    num_batches = max(_eval_batches_of(source, data_config, buckets, q, batch_size)
+                      for q in range(source.process_count))
+    order = source.eval_order(source.process_index)
+    params = eval_params(source.records.orig_size[order], data_config)
+    bucket, size = _fit(source, order, params, buckets, "eval")
+    batch, _ = group_into_batches(bucket, batch_size)
+    members = np.bincount(batch, minlength=num_batches)
+    batch_bucket = np.full(num_batches, np.argmin(buckets[:, 0] * buckets[:, 1]))
+    batch_bucket[batch] = bucket
+    filler_keys = np.repeat(np.arange(num_batches), batch_size - members)
+    fillers = _filler_rows(filler_keys, buckets[batch_bucket[filler_keys]], data_config.max_boxes)
+    return Plan(order=order, key=batch, params=params, size=size, canvas=buckets[bucket]), fillers, num_batches
+
+
+def _plan_chunks(plans, source: Source, max_boxes: int, chunk: int):
+    """Rows of each plan in the order the source reads them (a sequential source: canonical)."""
+    for plan in plans:
+        read = np.argsort(plan.order, kind="stable") if source.sequential else np.arange(len(plan.order))
+        for start in range(0, len(read), chunk):
+            yield plan.rows(read[start:start + chunk], source, max_boxes)
+
+
+def _decode(row):
+    data = tf.cond(tf.strings.length(row["path"]) > 0, lambda: tf.io.read_file(row["path"]), lambda: row["encoded"])
+    return {**row, "pixels": decode_rgb(data), "decoded": tf.constant(True)}
+
+
+def _not_decoded(row):
+    return {**row, "pixels": tf.zeros([1, 1, 3], tf.uint8), "decoded": tf.constant(False)}
+
+
+def _example(row):
+    """A decoded row -> one example of the batch format (a filler where the image was not decoded)."""
+    ok, canvas = row["decoded"], row["canvas"]
+    image, mask = tf.cond(
+        ok,
+        lambda: normalize_and_pad(resample_image(row["pixels"], row["orig_size"], row["flip"], row["region"],
+                                                 row["size"]), canvas),
+        lambda: (tf.zeros(tf.concat([canvas, [3]], 0)), tf.ones(canvas, tf.bool)))
+    if_ok = lambda x: tf.where(ok, x, tf.zeros_like(x))
+    return {
+        "image": image, "padding_mask": mask, "boxes": if_ok(row["boxes"]), "labels": if_ok(row["labels"]),
+        "box_valid": row["box_valid"] & ok, "image_id": tf.where(ok, row["image_id"], tf.constant(-1, tf.int64)),
+        "orig_size": if_ok(row["orig_size"]), "size": if_ok(row["size"]), "example_valid": ok,
+        "_key": row["key"], "_index": row["index"], "_failed": ~ok & (row["index"] >= 0),
+        "_size_mismatch": ok & tf.reduce_any(tf.shape(row["pixels"])[:2] != row["orig_size"]),
+    }
+
+
+def _batches_dataset(source: Source, data_config, plans, *, train: bool, batch_size: int, chunk: int,
+                     fillers=None) -> tf.data.Dataset:
+    spec = _row_spec(data_config.max_boxes)
+    rows = tf.data.Dataset.from_generator(
+        lambda: _plan_chunks(plans(), source, data_config.max_boxes, chunk),
+        output_signature={k: tf.TensorSpec([None, *s.shape], s.dtype) for k, s in spec.items()})
+    rows = source.attach_images(rows, train, chunk)
+    if fillers is not None:
+        rows = rows.concatenate(tf.data.Dataset.from_tensor_slices(fillers))
+    parallel = tf.data.AUTOTUNE if data_config.num_parallel_calls == -1 else data_config.num_parallel_calls
+    examples = (rows.filter(lambda r: r["key"] >= 0)
+                .interleave(safely(_decode, _not_decoded), num_parallel_calls=parallel, deterministic=True)
+                .map(_example, num_parallel_calls=parallel, deterministic=True))
+    batches = examples.group_by_window(key_func=lambda e: e["_key"], window_size=batch_size,
+                                       reduce_func=lambda _, window: window.batch(batch_size))
+    return batches.prefetch(data_config.prefetch)
+
+
+class Batches:
+    """Iterator of batch dicts (see the module docstring), with what the caller needs to know.
+
+    info: DatasetInfo; report: what was skipped or fixed (shared with the source); buckets [K, 2];
+    num_batches: batches in this iterator (eval) or per epoch (train: ``steps_per_epoch``).
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, source: Source, buckets, num_batches: int):
+        self.source, self.info, self.report = source, source.info, source.report
+        self.buckets, self.num_batches = buckets, num_batches
+        self._batches = dataset.as_numpy_iterator()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)
+        del batch["_key"]
+        index, failed, mismatch = batch.pop("_index"), batch.pop("_failed"), batch.pop("_size_mismatch")
+        names = self.source.records.file_name
+        self.report.add("unreadable_image", int(failed.sum()), [str(names[i]) for i in index[failed]])
+        self.report.add("size_mismatch", int(mismatch.sum()), [str(names[i]) for i in index[mismatch]])
+        return batch
+
+
+def _source(data_config, split, source, process_index, process_count) -> Source:
+    if source is None:
+        return load_dataset(data_config, split, process_index=process_index, process_count=process_count)
+    if (source.split, source.process_index, source.process_count) != (split, process_index, process_count) \
+            or source.data_config != data_config:
+        raise ValueError(f"the given source was loaded for split {source.split!r}, host {source.process_index} of "
+                         f"{source.process_count} with another data config; expected split {split!r}, host "
+                         f"{process_index} of {process_count} and this data config")
+    return source
+
+
+def train_batches(data_config, batch_size: int, *, seed: int, start_step: int = 0, process_index=None,
+                  process_count=None, source: Source | None = None) -> Batches:
+    """Endless train batches of this host from global step ``start_step`` on.
+
+    batch_size: per host. The batches from step s are the same (images, augmentation, order)
+    whether the iterator starts at 0 or at s. ``source``: a ``load_dataset(data_config, 'train')``
+    result to reuse (default: loaded here). ``.num_batches`` is the steps per epoch.
+    """
+    process_index, process_count = resolve_host(process_index, process_count)
+    source = _source(data_config, "train", source, process_index, process_count)
+    buckets = bucket_list(data_config)
+    steps = steps_per_epoch(source.images_per_host(), batch_size, len(buckets))
+    plans = lambda: (plan_train_epoch(source, data_config, buckets, seed=seed, epoch=epoch, batch_size=batch_size,
+                                      steps=steps, start_step=start_step)
+                     for epoch in itertools.count(start_step // steps))
+    chunk = data_config.shuffle_window if source.sequential else CHUNK
+    dataset = _batches_dataset(source, data_config, plans, train=True, batch_size=batch_size, chunk=chunk)
+    return Batches(dataset, source, buckets, steps)
+
+
+def eval_batches(data_config, batch_size: int, *, process_index=None, process_count=None,
+                 source: Source | None = None) -> Batches:
+    """One pass over the val split: every image exactly once over all hosts, ``.num_batches`` batches
+    on every host (fillers have example_valid False; evaluate only images with example_valid True,
+    restricting COCOeval's imgIds to them, since unreadable images are fillers too)."""
+    process_index, process_count = resolve_host(process_index, process_count)
+    source = _source(data_config, "val", source, process_index, process_count)
+    buckets = bucket_list(data_config)
+    plan, fillers, num_batches = plan_eval(source, data_config, buckets, batch_size)
+    dataset = _batches_dataset(source, data_config, lambda: [plan], train=False, batch_size=batch_size,
+                               chunk=CHUNK, fillers=fillers)
+    return Batches(dataset, source, buckets, num_batches)

@@ -1,0 +1,206 @@
+"""The format every source reads into: images with their raw COCO annotations, as numpy arrays.
+
+``Records`` keeps what the annotation file says (for the ground truth of evaluation);
+``clean_targets`` derives the training targets from it (crowd, degenerate, outside and surplus boxes
+left out, boxes clipped, each counted in the ``Report``); ``DatasetInfo`` maps labels (what the
+model predicts) to category ids (what COCO evaluation expects).
+"""
+import dataclasses
+
+import numpy as np
+
+from detr_jax.data.report import Report
+
+LABEL_MAPPINGS = ("category_id", "contiguous")
+MAX_BOXES_POLICIES = ("keep_largest", "error")
+
+
+@dataclasses.dataclass
+class Records:
+    """N images and A annotations, in the source's canonical order.
+
+    image_id [N] int64; file_name [N] str (as annotated, for messages and the ground truth);
+    path [N] str (the file to read; '' where the source streams the bytes, as tfds does);
+    orig_size [N, 2] int64 (h, w) as annotated.
+    Annotations of image i are rows ann_splits[i]:ann_splits[i + 1] of ann_id [A] int64,
+    bbox [A, 4] float64 (x, y, w, h) pixels, category_id [A] int64, iscrowd [A] bool, area [A] float64.
+    """
+    image_id: np.ndarray
+    file_name: np.ndarray
+    path: np.ndarray
+    orig_size: np.ndarray
+    ann_splits: np.ndarray
+    ann_id: np.ndarray
+    bbox: np.ndarray
+    category_id: np.ndarray
+    iscrowd: np.ndarray
+    area: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_id)
+
+    def ann_owner(self) -> np.ndarray:
+        """[A] int64: the image (row) of each annotation."""
+        return np.repeat(np.arange(len(self)), np.diff(self.ann_splits))
+
+    def describe(self, ann: int) -> str:
+        """'file_name (image id I) annotation id J' for annotation row ``ann``, for messages."""
+        i = int(self.ann_owner()[ann]) if len(self) else 0
+        return f"{self.file_name[i]} (image id {self.image_id[i]}) annotation id {self.ann_id[ann]}"
+
+    def select_images(self, keep) -> "Records":
+        """The records of the images where keep [N] bool is True (their annotations with them)."""
+        keep = np.asarray(keep, bool)
+        ann_keep = keep[self.ann_owner()]
+        counts = np.diff(self.ann_splits)[keep]
+        return dataclasses.replace(
+            self, image_id=self.image_id[keep], file_name=self.file_name[keep], path=self.path[keep],
+            orig_size=self.orig_size[keep], ann_splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            **{f: getattr(self, f)[ann_keep] for f in ("ann_id", "bbox", "category_id", "iscrowd", "area")})
+
+    def select_annotations(self, keep) -> "Records":
+        """The records without the annotations where keep [A] bool is False."""
+        keep = np.asarray(keep, bool)
+        counts = np.bincount(self.ann_owner()[keep], minlength=len(self))
+        return dataclasses.replace(
+            self, ann_splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            **{f: getattr(self, f)[keep] for f in ("ann_id", "bbox", "category_id", "iscrowd", "area")})
+
+
+def build_records(images, annotations) -> Records:
+    """images: list of (image_id, file_name, path, h, w); annotations: list of
+    (image_row, ann_id, (x, y, w, h), category_id, iscrowd, area), image_row indexing ``images``."""
+    annotations = sorted(annotations, key=lambda a: a[0])  # stable: file order within an image
+    owner = np.asarray([a[0] for a in annotations], np.int64)
+    return Records(
+        image_id=np.asarray([im[0] for im in images], np.int64),
+        file_name=np.asarray([im[1] for im in images], object),
+        path=np.asarray([im[2] for im in images], object),
+        orig_size=np.asarray([(im[3], im[4]) for im in images], np.int64).reshape(-1, 2),
+        ann_splits=np.concatenate([[0], np.cumsum(np.bincount(owner, minlength=len(images)))]).astype(np.int64),
+        ann_id=np.asarray([a[1] for a in annotations], np.int64),
+        bbox=np.asarray([a[2] for a in annotations], np.float64).reshape(-1, 4),
+        category_id=np.asarray([a[3] for a in annotations], np.int64),
+        iscrowd=np.asarray([a[4] for a in annotations], bool),
+        area=np.asarray([a[5] for a in annotations], np.float64))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the rest of the project needs to know about a dataset.
+
+    num_classes: the model's class count (it has num_classes + 1 logits, the last no-object).
+    label_to_category_id: [num_classes] category id of each label, -1 where a label is unused
+      (label_mapping 'category_id' leaves the ids missing from 'categories' unused).
+    class_names: [num_classes] name of each label, '' where unused.
+    num_images: images in the split (all hosts together).
+    """
+    num_classes: int
+    label_to_category_id: tuple
+    class_names: tuple
+    num_images: int
+
+    def category_ids(self, labels) -> np.ndarray:
+        """labels (any int array) -> the true category ids, for COCO results and evaluation."""
+        return np.asarray(self.label_to_category_id, np.int64)[np.asarray(labels)]
+
+    def labels(self, category_ids) -> np.ndarray:
+        """category ids (any int array) -> labels; an id without a label is an error."""
+        table = {c: label for label, c in enumerate(self.label_to_category_id) if c >= 0}
+        ids = np.asarray(category_ids, np.int64)
+        unknown = set(ids.ravel().tolist()) - table.keys()
+        if unknown:
+            raise ValueError(f"category ids {sorted(unknown)} have no label; known ids: {sorted(table)}")
+        return np.asarray([table[c] for c in ids.ravel().tolist()], np.int64).reshape(ids.shape)
+
+
+def make_info(categories, label_mapping: str, num_images: int) -> DatasetInfo:
+    """categories: (id, name) pairs -> DatasetInfo.
+
+    'category_id': label = category id, num_classes = max id + 1 (COCO: 91, as official DETR, so
+    official checkpoints fit). 'contiguous': label = index in the sorted ids, num_classes = count.
+    """
+    categories = sorted((int(i), str(n)) for i, n in categories)
+    if label_mapping == "contiguous":
+        ids, names = [c[0] for c in categories], [c[1] for c in categories]
+    else:
+        num = max((c[0] for c in categories), default=-1) + 1
+        ids, names = [-1] * num, [""] * num
+        for cid, name in categories:
+            ids[cid], names[cid] = cid, name
+    return DatasetInfo(num_classes=len(ids), label_to_category_id=tuple(ids), class_names=tuple(names),
+                       num_images=int(num_images))
+
+
+@dataclasses.dataclass
+class Targets:
+    """Training targets per image: rows splits[i]:splits[i + 1] of boxes [T, 4] float64 (x1, y1, x2,
+    y2) pixels inside the image, and labels [T] int64."""
+    boxes: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+
+
+def clean_targets(records: Records, info: DatasetInfo, max_boxes: int, policy: str, report: Report) -> Targets:
+    """The training targets of ``records``, as official DETR prepares them, every change counted.
+
+    Left out: crowd annotations, boxes with width or height <= 0 or not finite, boxes entirely outside
+    the image; clipped: boxes reaching outside; beyond ``max_boxes`` per image: the smallest boxes
+    (policy 'keep_largest') or an error naming the images (policy 'error').
+    """
+    owner = records.ann_owner()
+    x, y, w, h = records.bbox.T
+    h_img, w_img = (records.orig_size[owner, i].astype(np.float64) for i in (0, 1))
+    crowd = records.iscrowd
+    degenerate = ~crowd & ~(np.isfinite(records.bbox).all(1) & (w > 0) & (h > 0))
+    with np.errstate(invalid="ignore"):
+        xyxy = np.stack([x, y, x + w, y + h], 1)
+        clipped = np.clip(xyxy, 0.0, np.stack([w_img, h_img, w_img, h_img], 1))
+        moved = ~crowd & ~degenerate & (clipped != xyxy).any(1)
+        outside = moved & ~((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
+    keep = ~crowd & ~degenerate & ~outside
+    for kind, mask in (("crowd_excluded", crowd), ("degenerate_box", degenerate),
+                       ("clipped_box", moved & ~outside), ("outside_box", outside)):
+        rows = np.flatnonzero(mask)
+        report.add(kind, len(rows), [records.describe(a) for a in rows[:5]])
+
+    keep = _limit_boxes(records, owner, keep, clipped, max_boxes, policy, report)
+    counts = np.bincount(owner[keep], minlength=len(records))
+    return Targets(boxes=clipped[keep], labels=info.labels(records.category_id[keep]),
+                   splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+
+
+def _limit_boxes(records, owner, keep, boxes, max_boxes, policy, report):
+    """keep [A] with at most max_boxes True per image: the largest boxes stay (file order among ties)."""
+    counts = np.bincount(owner[keep], minlength=len(records))
+    over = np.flatnonzero(counts > max_boxes)
+    if not len(over):
+        return keep
+    named = [f"{records.file_name[i]} (image id {records.image_id[i]}): {counts[i]} boxes" for i in over[:5]]
+    if policy == "error":
+        raise ValueError(f"{len(over)} images have more than max_boxes = {max_boxes} objects, e.g. "
+                         f"{'; '.join(named)}; raise data_config.max_boxes or set max_boxes_policy='keep_largest'")
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    rows = np.flatnonzero(keep)
+    by_size = rows[np.lexsort((-area[rows], owner[rows]))]  # per image, largest first
+    first = np.searchsorted(owner[by_size], owner[by_size])
+    surplus = by_size[np.arange(len(by_size)) - first >= max_boxes]
+    report.add("over_max_boxes", len(surplus), named)
+    keep = keep.copy()
+    keep[surplus] = False
+    return keep
+
+
+def coco_ground_truth(records: Records, info: DatasetInfo) -> dict:
+    """A COCO instances dict (images, annotations with crowd, categories with true ids) for pycocotools."""
+    owner = records.ann_owner()
+    categories = [{"id": int(c), "name": n} for c, n in zip(info.label_to_category_id, info.class_names) if c >= 0]
+    return {
+        "images": [{"id": int(i), "file_name": str(f), "height": int(s[0]), "width": int(s[1])}
+                   for i, f, s in zip(records.image_id, records.file_name, records.orig_size)],
+        "annotations": [{"id": int(a), "image_id": int(records.image_id[o]), "category_id": int(c),
+                         "bbox": [float(v) for v in b], "area": float(ar), "iscrowd": int(cr)}
+                        for a, o, c, b, ar, cr in zip(records.ann_id, owner, records.category_id, records.bbox,
+                                                      records.area, records.iscrowd)],
+        "categories": categories,
+    }
