@@ -1,23 +1,53 @@
-"""Evaluate DETR with COCO metrics: python eval.py --config=configs/FILE.py[:VARIANT] --workdir=DIR.
+r"""Evaluate DETR with COCO metrics (pycocotools COCOeval, bbox) on the val split of config.data.
 
-Not ready yet: evaluation lands with the evaluation issue. Today the command says so and exits
-with status 2, so that scripts cannot mistake it for a finished evaluation.
+  # the latest training checkpoint of a run (its model and, without --config, its data config):
+  python eval.py --workdir=runs/detr-r50
+  # an official checkpoint, converted on the fly for the config's model, on tfds COCO val2017 against
+  # the official annotations:
+  python eval.py --config=configs/detr_coco.py:r50 --workdir=runs/official-r50 \
+      --checkpoint=detr-r50-e632da11.pth --ground_truth=annotations/instances_val2017.json
+
+Several hosts: run it on every host, with --multihost (Cloud TPU) or --coordinator_address,
+--num_processes and --process_id; process 0 prints and writes.
+
+Prints pycocotools' 12-number summary and a per-class AP table; writes WORKDIR/eval/NAME/
+(coco_results.json, metrics.json, per_class_ap.csv, summary.txt), NAME = step_%06d for a training
+checkpoint, else the checkpoint's name. Settings: flags > config.eval > defaults
+(see ``detr_jax.config.eval_config``).
 """
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. configs/detr_coco.py:r50.")
-flags.DEFINE_string("workdir", None, "Directory with checkpoints; results are written there.")
-flags.DEFINE_string("checkpoint", None, "A checkpoint directory (e.g. from python -m detr_jax.convert).")
+from detr_jax import cli
+
+config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. configs/detr_coco.py:r50: config.data "
+                                "is the dataset evaluated (its val split), config.model the model of an official "
+                                "checkpoint file. Default: the training run's config (training checkpoints).")
+flags.DEFINE_string("workdir", None, "Run directory: its checkpoints/ are evaluated when --checkpoint is empty; "
+                    "results go to WORKDIR/eval/.", required=True)
+flags.DEFINE_string("checkpoint", "", "Empty: the workdir's latest training checkpoint. Or a directory written by "
+                    "python -m detr_jax.convert, or an official DETR .pth/.npz file (converted for config.model).")
+flags.DEFINE_integer("step", None, "Evaluate this training checkpoint step instead of the latest.")
+flags.DEFINE_integer("batch_size", None, "Global eval batch size (default: config.eval.batch_size, 8).")
+flags.DEFINE_float("score_threshold", None, "Keep detections scoring at least this (default 0: all, official).")
+flags.DEFINE_integer("topk", None, "Keep each image's k best queries (default 0: all, official).")
+flags.DEFINE_string("ground_truth", None, "An instances json to evaluate against (e.g. the official "
+                    "instances_val2017.json with tfds COCO); default: the dataset's own annotations.")
+cli.define_multihost_flags()
 
 
 def main(argv):
     del argv
-    print("eval.py is not ready yet: detr-jax has the model and weight conversion so far; COCO evaluation "
-          "comes with the evaluation issue (see README, 'Status').", file=sys.stderr)
-    sys.exit(2)
+    import jax
+
+    from detr_jax.evaluation import evaluate_checkpoint
+
+    f = flags.FLAGS
+    cli.start()
+    log = print if jax.process_index() == 0 else (lambda *args: None)
+    evaluate_checkpoint(f.config, f.workdir, checkpoint=f.checkpoint, step=f.step, log=log,
+                        batch_size=f.batch_size, score_threshold=f.score_threshold, topk=f.topk,
+                        ground_truth=f.ground_truth)
 
 
 if __name__ == "__main__":

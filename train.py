@@ -1,22 +1,27 @@
-"""Train DETR: python train.py --config=configs/FILE.py[:VARIANT] --workdir=DIR [--config.x=...].
+"""Train DETR: python train.py --config=configs/FILE.py[:VARIANT] --workdir=DIR [--config.x.y=...].
 
-Not ready yet: the training loop lands with the training issue. Today the command says so and
-exits with status 2, so that scripts cannot mistake it for a finished run.
+Resumes from the newest checkpoint in DIR when there is one. Multi-host: run one process per host;
+on Cloud TPU `jax.distributed.initialize()` finds its peers itself (--multihost), elsewhere give
+--coordinator_address, --num_processes and --process_id.
 """
-import sys
-
 from absl import app, flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. configs/detr_coco.py:r50.")
-flags.DEFINE_string("workdir", None, "Directory for checkpoints and logs.")
+from detr_jax import cli
+
+config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. configs/synthetic.py:tiny.",
+                                lock_config=False)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation results.", required=True)
+cli.define_multihost_flags()
+flags.mark_flag_as_required("config")
 
 
 def main(argv):
     del argv
-    print("train.py is not ready yet: detr-jax has the model and weight conversion so far; the training "
-          "loop comes with the training issue (see README, 'Status').", file=sys.stderr)
-    sys.exit(2)
+    cli.start()
+    from detr_jax.training import train_and_evaluate
+
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,10 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         mapping images [B, H, W, 3] to a feature map [B, h, w, C], given as
         ``build_model(config.model, backbone=module)``.
       dilation: DC5, dilation instead of stride in the last ResNet stage.
-      frozen_stages: the ResNet stem and stages 1..frozen_stages are not trained (official: 1).
+      backbone_norm: "frozen_bn" (official, for pretrained backbones) or "group_norm" (trainable,
+        for a ResNet trained from scratch, as in the CPU demo).
+      frozen_stages: the ResNet stem and stages 1..frozen_stages are not trained (official: 1; 0: the
+        stem only; -1: nothing frozen, for a backbone trained from scratch).
       dtype: computation dtype, one of DTYPES; parameters are always float32.
     """
     cfg = ml_collections.ConfigDict(dict(
@@ -48,6 +51,7 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         position_embedding="sine",
         backbone="resnet50",
         dilation=False,
+        backbone_norm="frozen_bn",
         frozen_stages=1,
         dtype="float32",
     ))
@@ -92,11 +96,13 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       source: "tfds" (tfds_name, e.g. coco/2017), "coco_json" (an instances json and an image folder:
         COCO or any custom dataset) or "synthetic" (the built-in shapes dataset, generated on first use).
       data_dir: coco_json: a folder with the COCO layout (annotations/instances_{train,val}2017.json,
-        {train,val}2017/); synthetic: where it is generated (None: ~/.cache/detr_jax/synthetic-...).
+        {train,val}2017/); synthetic: where it is generated ("": ~/.cache/detr_jax/synthetic-...).
       train_annotations, train_images, val_annotations, val_images: explicit instances json and image
-        folder of a split (None: from data_dir).
+        folder of a split ("": from data_dir).
       tfds_name, tfds_data_dir, tfds_train_split, tfds_val_split: the tfds dataset (prepared with
-        ``tfds build``), its folder (None: tfds's default) and split names.
+        ``tfds build``), its folder ("": tfds's default) and split names.
+      eval_split: the files evaluation reads for coco_json / synthetic: "val", or "train" to evaluate
+        on the training images (overfitting checks); with tfds set tfds_val_split instead.
       synthetic_num_train, synthetic_num_val, synthetic_seed: the synthetic dataset's size and seed.
       label_mapping: "category_id" (label = category id, num_classes = max id + 1; COCO: 91, as
         official DETR) or "contiguous" (label = index in the sorted category ids).
@@ -110,7 +116,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         the multi-scale resize: short side one of train_scales, long side at most train_max_size.
       eval_size, eval_max_size: eval resize (short side, long side at most).
       size_divisor: canvas sizes are multiples of it (the backbone stride).
-      buckets: canvas sizes ((h, w), ...) images are padded to; None: derived from the sizes above
+      buckets: canvas sizes ((h, w), ...) images are padded to; (): derived from the sizes above
         (``detr_jax.data.default_buckets``).
       shuffle_window: tfds only: images are shuffled within windows of this many consecutive images
         of a host's slice (memory: this many encoded images; random-access sources shuffle globally).
@@ -119,15 +125,16 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     """
     cfg = ml_collections.ConfigDict(dict(
         source="tfds",
-        data_dir=None,
-        train_annotations=None,
-        train_images=None,
-        val_annotations=None,
-        val_images=None,
+        data_dir="",
+        train_annotations="",
+        train_images="",
+        val_annotations="",
+        val_images="",
         tfds_name="coco/2017",
-        tfds_data_dir=None,
+        tfds_data_dir="",
         tfds_train_split="train",
         tfds_val_split="validation",
+        eval_split="val",
         synthetic_num_train=512,
         synthetic_num_val=128,
         synthetic_seed=0,
@@ -145,10 +152,103 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         eval_size=800,
         eval_max_size=1333,
         size_divisor=32,
-        buckets=None,
+        buckets=(),
         shuffle_window=4096,
         num_parallel_calls=-1,
         prefetch=2,
     ))
+    cfg.update(overrides)
+    return cfg
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """Optimizer settings (official DETR defaults), with ``overrides`` applied.
+
+    Fields:
+      lr, lr_backbone: peak learning rates of the transformer/heads and of the trained backbone.
+      weight_decay: AdamW decoupled weight decay; b1, b2, eps: Adam constants.
+      clip_norm: clip gradients by global norm (0 = no clipping).
+      schedule: "step" (x lr_drop_factor at each epoch in lr_drop_epochs), "warmup_cosine"
+        (linear warm-up over warmup_epochs to lr, cosine to end_lr_factor * lr at the end of
+        training) or "constant".
+      grad_accum_steps: micro-batches per optimizer update (e.g. batch 5 x 12 = 60).
+    """
+    cfg = ml_collections.ConfigDict(dict(
+        lr=1e-4,
+        lr_backbone=1e-5,
+        weight_decay=1e-4,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        clip_norm=0.1,
+        schedule="step",
+        lr_drop_epochs=(400,),
+        lr_drop_factor=0.1,
+        warmup_epochs=0.0,
+        end_lr_factor=0.0,
+        grad_accum_steps=1,
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """The training loop's settings, with ``overrides`` applied.
+
+    Fields:
+      batch_size: global batch over all devices of all hosts, a multiple of the device count
+        (official: 64, 4 images on each of 16 GPUs).
+      num_epochs: duration in epochs, used when num_steps is 0; num_steps: duration in steps.
+      seed: parameter init, dropout and data order.
+      log_every_steps, checkpoint_every_steps, keep_checkpoints: logging and checkpoint cadence.
+      on_nonfinite: "stop" (stop with an error, the last good checkpoint kept) or "skip" (skip the
+        update and count it); a non-finite update is never applied.
+      eval_every_steps: run COCO evaluation on the val split every this many steps (0: none);
+      eval_at_end: and once at the end. Its settings are config.eval (``eval_config``).
+    """
+    cfg = ml_collections.ConfigDict(dict(
+        batch_size=64,
+        num_epochs=500.0,
+        num_steps=0,
+        seed=0,
+        log_every_steps=50,
+        checkpoint_every_steps=2000,
+        keep_checkpoints=3,
+        on_nonfinite="stop",
+        eval_every_steps=0,
+        eval_at_end=True,
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def init_config(**overrides) -> ml_collections.ConfigDict:
+    """Where the initial weights come from, with ``overrides`` applied.
+
+    Fields:
+      checkpoint: "" (fresh init), a directory written by ``python -m detr_jax.convert``, or an
+        official DETR checkpoint file (.pth / .npz), converted on the fly.
+      drop_class_head: load everything from ``checkpoint`` but its class head (fine-tuning on
+        another set of classes).
+      torchvision_backbone: "" or a torchvision ImageNet ResNet file (.pth / .npz) for the backbone,
+        as the official recipe starts.
+    """
+    cfg = ml_collections.ConfigDict(dict(checkpoint="", drop_class_head=False, torchvision_backbone=""))
+    cfg.update(overrides)
+    return cfg
+
+
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+    """Evaluation settings (``config.eval``), with ``overrides`` applied.
+
+    Fields:
+      batch_size: global eval batch (over all hosts; each host's share is rounded up to a multiple of
+        its devices). The metrics do not depend on it.
+      score_threshold: keep detections scoring at least this (0.0: all, official).
+      topk: keep each image's k best queries (0: all num_queries, official).
+      ground_truth: "" (the dataset's own annotations) or an instances json to evaluate against, e.g.
+        the official annotations/instances_val2017.json with tfds COCO.
+    """
+    cfg = ml_collections.ConfigDict(dict(batch_size=8, score_threshold=0.0, topk=0, ground_truth=""))
     cfg.update(overrides)
     return cfg

@@ -29,12 +29,6 @@ def test_help(entry):
     assert "--config: Config file[:variant]" in result.stdout and "Traceback" not in result.stdout
 
 
-@pytest.mark.parametrize("script", ["train.py", "eval.py"])
-def test_unfinished_entry_points_say_so(script):
-    result = run(script, "--config=configs/detr_coco.py:r50", "--workdir=/tmp/unused")
-    assert result.returncode == 2 and "not ready yet" in result.stderr
-
-
 @pytest.fixture(scope="module")
 def tiny_official(tmp_path_factory):
     config = tiny_config()

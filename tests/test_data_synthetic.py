@@ -136,3 +136,18 @@ def test_cli(tmp_path):
         assert json.load(f)["seed"] == 4
     result = run("--out", str(out))
     assert result.returncode == 1 and "exists" in result.stderr
+
+
+def test_eval_split_train_evaluates_the_training_images(dataset):
+    from detr_jax.config import data_config
+    from detr_jax.data import load_dataset
+
+    config = data_config(source="synthetic", data_dir=str(dataset), synthetic_num_train=SPEC.num_train,
+                         synthetic_num_val=SPEC.num_val, synthetic_seed=SPEC.seed)
+    val = load_dataset(config, "val", process_index=0, process_count=1)
+    config.eval_split = "train"
+    on_train = load_dataset(config, "val", process_index=0, process_count=1)
+    train = load_dataset(config, "train", process_index=0, process_count=1)
+    assert val.info.num_images == SPEC.num_val and on_train.info.num_images == SPEC.num_train
+    np.testing.assert_array_equal(on_train.records.image_id, train.records.image_id)
+    assert on_train.ground_truth()["annotations"] == train.ground_truth()["annotations"]

@@ -222,6 +222,8 @@ def test_group_into_batches():
 
 
 def test_steps_per_epoch():
-    assert steps_per_epoch(100, 4, 3) == (100 - 9) // 4
+    assert steps_per_epoch(100, 4, 3) == 23  # ceil((100 - 3 * 3) / 4): 91 images in full batches at least
+    assert steps_per_epoch(10, 4, 3) == 1  # worst split 3 + 3 + 4 still fills one batch
+    assert steps_per_epoch(8, 8, 1) == 1  # one bucket: every image in it
     with pytest.raises(ValueError, match="cannot fill one batch"):
-        steps_per_epoch(10, 4, 3)
+        steps_per_epoch(8, 4, 3)  # 3 + 3 + 2 fills none

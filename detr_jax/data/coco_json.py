@@ -26,12 +26,14 @@ LAYOUTS = {
 
 def split_paths(data_config, split: str) -> tuple[str, str]:
     """(annotation file, image folder) of a split: the explicit config fields, else the layout's
-    defaults under data_dir."""
+    defaults under data_dir. With ``eval_split = "train"`` the val split reads the train files
+    (evaluation on the training images, e.g. to check that a model can fit them)."""
     from detr_jax.data.synthetic import default_dir
 
+    split = data_config.eval_split if split == "val" else split
     annotations, images = data_config[f"{split}_annotations"], data_config[f"{split}_images"]
     root = default_dir(data_config) if data_config.source == "synthetic" else data_config.data_dir
-    if (annotations is None or images is None) and root is None:
+    if not (annotations and images) and not root:
         raise ValueError(f"data_config.source = 'coco_json' needs data_config.data_dir (a folder with the COCO "
                          f"layout) or both data_config.{split}_annotations and data_config.{split}_images")
     default_ann, default_images = LAYOUTS[data_config.source][split]

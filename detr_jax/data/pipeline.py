@@ -41,14 +41,15 @@ CHUNK = 1024  # plan rows handed to tf.data at a time (a tfds source hands its s
 
 
 def bucket_list(data_config) -> np.ndarray:
-    """[K, 2] int64 canvas sizes: data_config.buckets, or ``default_buckets`` when None."""
-    buckets = data_config.buckets if data_config.buckets is not None else default_buckets(data_config)
+    """[K, 2] int64 canvas sizes: data_config.buckets, or ``default_buckets`` when empty."""
+    buckets = data_config.buckets if data_config.buckets else default_buckets(data_config)
     return check_buckets(buckets, data_config.size_divisor)
 
 
 def steps_per_epoch(images_per_host: int, batch_size: int, num_buckets: int) -> int:
-    """Full batches every host can make in any epoch: each bucket may leave up to B - 1 images over."""
-    steps = (images_per_host - num_buckets * (batch_size - 1)) // batch_size
+    """Full batches every host can make in any epoch: each bucket may leave up to B - 1 images over,
+    so the full batches number at least ceil((N - buckets * (B - 1)) / B)."""
+    steps = -(-(images_per_host - num_buckets * (batch_size - 1)) // batch_size)
     if steps < 1:
         raise ValueError(f"{images_per_host} images per host cannot fill one batch of {batch_size} per epoch "
                          f"in {num_buckets} buckets (up to {batch_size - 1} images of each may be left over); "

@@ -29,7 +29,7 @@ def check_data_config(cfg) -> None:
     def bad(field, expected):
         raise ValueError(f"data_config.{field} = {cfg[field]!r}; expected {expected}")
 
-    for field, allowed in (("source", SOURCES), ("label_mapping", LABEL_MAPPINGS),
+    for field, allowed in (("source", SOURCES), ("label_mapping", LABEL_MAPPINGS), ("eval_split", SPLITS),
                            ("unknown_category", UNKNOWN_CATEGORY_POLICIES), ("max_boxes_policy", MAX_BOXES_POLICIES)):
         if cfg[field] not in allowed:
             bad(field, "one of " + ", ".join(allowed))
@@ -49,7 +49,7 @@ def check_data_config(cfg) -> None:
         bad("num_parallel_calls", "-1 (autotune) or a positive integer")
     if cfg.prefetch < 0:
         bad("prefetch", "0 or more")
-    if cfg.buckets is not None:
+    if cfg.buckets:
         check_buckets(cfg.buckets, cfg.size_divisor)
 
 

@@ -121,7 +121,7 @@ class TfdsSource(Source):
 
 def load(data_config, split: str, process_index: int, process_count: int) -> TfdsSource:
     """The TfdsSource of a split: host slice (train) or whole split (val) read into records."""
-    builder = tfds.builder(data_config.tfds_name, data_dir=data_config.tfds_data_dir)
+    builder = tfds.builder(data_config.tfds_name, data_dir=data_config.tfds_data_dir or None)
     tfds_split = data_config.tfds_train_split if split == "train" else data_config.tfds_val_split
     if tfds_split not in builder.info.splits:
         raise ValueError(f"tfds {data_config.tfds_name} in {builder.data_dir} has no split {tfds_split!r} (prepared: "

@@ -113,11 +113,12 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
     [B, H, W, 3] to features [B, h, w, C], used instead of a named ResNet (and trained whole).
     """
     from detr_jax.config import ACTIVATIONS, DTYPES, FFN_TYPES, NORMS, POSITION_EMBEDDINGS
-    from detr_jax.models.resnet import ResNet
+    from detr_jax.models.resnet import NORMS as BACKBONE_NORMS, ResNet
 
     cfg = model_config
     for field, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("ffn_type", FFN_TYPES),
-                           ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES)):
+                           ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES),
+                           ("backbone_norm", BACKBONE_NORMS)):
         if cfg[field] not in allowed:
             raise ValueError(f"config.model.{field} = {cfg[field]!r}; expected one of {', '.join(allowed)}")
     if cfg.hidden_dim % 2 or cfg.hidden_dim % cfg.num_heads:
@@ -131,7 +132,7 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"config.model.backbone = {cfg.backbone!r}; expected one of {', '.join(BACKBONES)} "
                              "or 'custom' (with build_model(..., backbone=module))")
-        backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, dtype=dtype)
+        backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, norm=cfg.backbone_norm, dtype=dtype)
     return DETR(
         backbone=backbone, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
         hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
@@ -143,8 +144,10 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
 
 def trainable_mask(params, model_config):
     """Pytree of bools over ``params``: False for the frozen ResNet stem and stages 1..frozen_stages
-    (official: stem and layer1), True elsewhere. A 'custom' backbone is trained whole."""
-    frozen_prefixes = ("conv1",) + tuple(f"layer{s}_" for s in range(1, model_config.frozen_stages + 1))
+    (official 1: stem and layer1; 0: the stem only; -1: nothing, for training from scratch), True
+    elsewhere. A 'custom' backbone is trained whole."""
+    stages = model_config.frozen_stages
+    frozen_prefixes = (("conv1",) if stages >= 0 else ()) + tuple(f"layer{s}_" for s in range(1, stages + 1))
     named_resnet = model_config.backbone in BACKBONES
 
     def trainable(path, _):

@@ -49,6 +49,19 @@ class FrozenBatchNorm(nn.Module):
         return x * scale.astype(x.dtype) + shift.astype(x.dtype)
 
 
+NORMS = ("frozen_bn", "group_norm")
+
+
+def backbone_norm(kind: str, channels: int, name: str) -> nn.Module:
+    """FrozenBatchNorm (official; fixed buffers) or GroupNorm (trainable and batch-independent, for
+    a backbone trained from scratch, which has no pretrained statistics to freeze)."""
+    if kind == "frozen_bn":
+        return FrozenBatchNorm(name=name)
+    if kind == "group_norm":
+        return nn.GroupNorm(num_groups=min(32, max(1, channels // 8)), epsilon=1e-5, name=name)
+    raise ValueError(f"config.model.backbone_norm = {kind!r}; expected one of {', '.join(NORMS)}")
+
+
 def conv(features, kernel, stride=1, dilation=1, dtype=jnp.float32, name=None):
     """Bias-free conv with torch's symmetric padding (dilation * (kernel // 2))."""
     pad = dilation * (kernel // 2)
@@ -64,23 +77,25 @@ class Block(nn.Module):
     stride: int = 1
     dilation: int = 1
     downsample: bool = False
+    norm: str = "frozen_bn"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
+        norm = lambda channels, name: backbone_norm(self.norm, channels, name)
         if self.kind == "bottleneck":
             out_ch = 4 * self.width
-            y = nn.relu(FrozenBatchNorm(name="bn1")(conv(self.width, 1, dtype=self.dtype, name="conv1")(x)))
+            y = nn.relu(norm(self.width, "bn1")(conv(self.width, 1, dtype=self.dtype, name="conv1")(x)))
             y = conv(self.width, 3, self.stride, self.dilation, self.dtype, "conv2")(y)
-            y = nn.relu(FrozenBatchNorm(name="bn2")(y))
-            y = FrozenBatchNorm(name="bn3")(conv(out_ch, 1, dtype=self.dtype, name="conv3")(y))
+            y = nn.relu(norm(self.width, "bn2")(y))
+            y = norm(out_ch, "bn3")(conv(out_ch, 1, dtype=self.dtype, name="conv3")(y))
         else:
             out_ch = self.width
             y = conv(self.width, 3, self.stride, self.dilation, self.dtype, "conv1")(x)
-            y = nn.relu(FrozenBatchNorm(name="bn1")(y))
-            y = FrozenBatchNorm(name="bn2")(conv(self.width, 3, 1, self.dilation, self.dtype, "conv2")(y))
+            y = nn.relu(norm(self.width, "bn1")(y))
+            y = norm(self.width, "bn2")(conv(self.width, 3, 1, self.dilation, self.dtype, "conv2")(y))
         if self.downsample:
-            x = FrozenBatchNorm(name="downsample_bn")(conv(out_ch, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x))
+            x = norm(out_ch, "downsample_bn")(conv(out_ch, 1, self.stride, dtype=self.dtype, name="downsample_conv")(x))
         return nn.relu(x + y)
 
 
@@ -88,6 +103,7 @@ class ResNet(nn.Module):
     """images [B, H, W, 3] -> last-stage features [B, ceil(H/32), ceil(W/32), C] (H/16 with DC5)."""
     spec: Spec
     dilation: bool = False
+    norm: str = "frozen_bn"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -97,7 +113,7 @@ class ResNet(nn.Module):
             raise ValueError("config.model.dilation (DC5) needs a bottleneck ResNet (resnet50/resnet101), "
                              "as in torchvision")
         x = conv(width, 7, 2, dtype=self.dtype, name="conv1")(x.astype(self.dtype))
-        x = nn.relu(FrozenBatchNorm(name="bn1")(x))
+        x = nn.relu(backbone_norm(self.norm, width, "bn1")(x))
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         in_ch, cur_dilation = width, 1
         for stage, depth in enumerate(depths, start=1):
@@ -112,6 +128,6 @@ class ResNet(nn.Module):
                           stride=stride if i == 0 else 1,
                           dilation=first_dilation if i == 0 else cur_dilation,
                           downsample=i == 0 and (stride != 1 or in_ch != out_ch),
-                          dtype=self.dtype, name=f"layer{stage}_{i}")(x)
+                          norm=self.norm, dtype=self.dtype, name=f"layer{stage}_{i}")(x)
                 in_ch = out_ch
         return x

@@ -1,0 +1,51 @@
+"""The CPU demo: a small DETR trained from scratch on the built-in synthetic shapes dataset.
+
+The dataset (5 shape classes, 512 train / 128 val images of 128..256 px) is generated on first use
+under ~/.cache/detr_jax (or --config.data.data_dir). No download, no pretrained weights:
+
+  python train.py --config=configs/synthetic.py --workdir=runs/synthetic       # the demo
+  python train.py --config=configs/synthetic.py:tiny --workdir=/tmp/smoke      # seconds: smoke test
+
+Variants: default (the demo), tiny (a few steps of a tiny model, for smoke tests), overfit (8
+training images, evaluated on themselves: checks that the model can fit them).
+"""
+import ml_collections
+
+from detr_jax.config import (data_config, eval_config, init_config, loss_config, model_config, optim_config,
+                              train_config)
+
+SMALL_SIZES = dict(train_scales=(128, 144, 160, 176, 192), train_max_size=256, crop_resize_scales=(128, 160),
+                   crop_min_size=96, crop_max_size=160, eval_size=160, eval_max_size=256,
+                   buckets=((192, 256), (256, 192)))  # short side <= 192, long <= 256: two shapes to compile
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    variant = arg or "demo"
+    if variant not in ("demo", "tiny", "overfit"):
+        raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected tiny or overfit (or none)")
+    config = ml_collections.ConfigDict()
+    config.variant = variant
+    config.model = model_config(backbone="resnet_tiny", backbone_norm="group_norm", frozen_stages=-1, num_classes=5,
+                                num_queries=20, hidden_dim=128, num_heads=4, num_encoder_layers=3,
+                                num_decoder_layers=3, ffn_dim=256, dropout=0.0)
+    config.loss = loss_config()
+    config.data = data_config(source="synthetic", label_mapping="contiguous", max_boxes=16, crop_prob=0.0,
+                              **SMALL_SIZES)
+    config.optim = optim_config(lr=1e-4, lr_backbone=1e-4, weight_decay=1e-4, clip_norm=1.0, schedule="warmup_cosine",
+                                warmup_epochs=1.0)
+    config.train = train_config(batch_size=8, num_epochs=90.0, log_every_steps=100, checkpoint_every_steps=1000,
+                                eval_every_steps=1000)
+    config.eval = eval_config(batch_size=8)
+    config.init = init_config()
+    if variant == "tiny":
+        config.model.update(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=2, ffn_dim=64, num_queries=10)
+        config.data.update(synthetic_num_train=32, synthetic_num_val=8, train_scales=(96, 112, 128), train_max_size=128,
+                           crop_resize_scales=(96,), crop_min_size=64, crop_max_size=96, eval_size=128,
+                           eval_max_size=128, buckets=((128, 128),))  # one bucket: one compile
+        config.train.update(batch_size=4, num_steps=6, num_epochs=0.0, log_every_steps=2, checkpoint_every_steps=3,
+                            eval_every_steps=0, eval_at_end=False)
+    elif variant == "overfit":
+        config.data.update(synthetic_num_train=8, synthetic_num_val=8, flip_prob=0.0, crop_prob=0.0,
+                           train_scales=(160,), buckets=((256, 256),), eval_split="train")
+        config.train.update(batch_size=8, num_steps=800, num_epochs=0.0, eval_every_steps=400)
+    return config

@@ -1,0 +1,185 @@
+"""``evaluate``: a model's COCO bbox metrics on the val split of a data config.
+
+Steps: every host runs forward + PostProcess over its ``eval_batches`` share (``inference``),
+the predictions are gathered, and process 0 turns them into COCO results (true category ids,
+original pixels), runs pycocotools COCOeval over the evaluated images, prints the standard summary
+and the per-class table, and writes the files below; the 12 numbers are then sent to every host.
+
+Output files (process 0, when ``workdir`` is given), in WORKDIR/eval/NAME/ with NAME ``step_%06d``
+of the given step (e.g. eval/step_000100/), else the given ``name``, else ``results``:
+  coco_results.json  the detections: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]
+  metrics.json       the 12 numbers, num_images, num_detections, per_class and the settings used
+  per_class_ap.csv   category_id, name, num_gt, AP, AP50, AP75 per category
+  summary.txt        pycocotools' summary and the per-class table, as printed
+"""
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from detr_jax.evaluation import coco
+from detr_jax.evaluation.inference import gather_hosts, host_batch_size, local_mesh, predict_batches, predictor
+
+NUMBERS = (*coco.METRIC_NAMES, "num_images", "num_detections")  # what process 0 sends to the others
+
+
+def eval_dir(workdir, *, step: int | None = None, name: str | None = None) -> Path:
+    """WORKDIR/eval/step_%06d (step given), else WORKDIR/eval/NAME, else WORKDIR/eval/results."""
+    if step is not None:
+        return Path(workdir) / "eval" / f"step_{int(step):06d}"
+    return Path(workdir) / "eval" / (name or "results")
+
+
+def ground_truth_coco(source, ground_truth_file: str | None = None):
+    """pycocotools COCO of the val split: the given instances json (e.g. the official
+    instances_val2017.json for tfds COCO), else ``source.ground_truth()`` (the annotations as the
+    source read them, crowd included: the same as a well-formed annotation file, and also right for
+    files that leave out optional fields such as 'area' or 'iscrowd')."""
+    if ground_truth_file:
+        return coco.load_ground_truth_file(ground_truth_file)
+    return coco.coco_from_dict(source.ground_truth())
+
+
+def evaluated_images(record, source) -> np.ndarray:
+    """record [n] int32 (rows of source.records, -1 for fillers) -> the image ids evaluated [m];
+    an image evaluated twice is an error (every image must be evaluated exactly once)."""
+    rows = record[record >= 0]
+    counts = np.bincount(rows, minlength=len(source.records))
+    if (counts > 1).any():
+        twice = source.records.image_id[counts > 1]
+        raise RuntimeError(f"{(counts > 1).sum()} images were evaluated more than once, e.g. image ids "
+                           f"{twice[:5].tolist()}; the eval batches must hold every image exactly once")
+    return source.records.image_id[rows]
+
+
+def score_predictions(predictions: dict, source, gt, *, score_threshold: float = 0.0) -> dict:
+    """Gathered predictions (see ``inference.predict_batches``) -> COCO evaluation.
+
+    -> {METRIC_NAMES: float, "num_images", "num_detections", "per_class", "summary" (pycocotools'
+    text), "results" (the COCO results entries)}.
+    """
+    valid = predictions["record"] >= 0
+    image_ids = evaluated_images(predictions["record"], source)
+    results = coco.detections_to_results(image_ids, predictions["scores"][valid], predictions["labels"][valid],
+                                         predictions["boxes"][valid], source.info.label_to_category_id,
+                                         score_threshold=score_threshold)
+    evaluator, summary = coco.run_cocoeval(gt, results, image_ids)
+    return {**coco.stats_dict(evaluator), "num_images": int(len(image_ids)), "num_detections": len(results),
+            "per_class": coco.per_class_ap(evaluator), "summary": summary, "results": results}
+
+
+def write_outputs(directory: Path, scored: dict, settings: dict) -> None:
+    """The files of the module docstring into ``directory`` (created; existing files replaced)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "coco_results.json").write_text(json.dumps(scored["results"]))
+    metrics = {**settings, **{k: scored[k] for k in (*coco.METRIC_NAMES, "num_images", "num_detections",
+                                                      "per_class")}}
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    coco.write_per_class_csv(directory / "per_class_ap.csv", scored["per_class"])
+    (directory / "summary.txt").write_text(scored["summary"] + "\n" + coco.format_per_class(scored["per_class"]) + "\n")
+
+
+def broadcast_numbers(values: np.ndarray) -> np.ndarray:
+    """float64 values of process 0 on every process, bit for bit (sent as int32 words: jax without
+    x64 would round float64 to float32)."""
+    if jax.process_count() == 1:
+        return values
+    words = np.frombuffer(np.ascontiguousarray(values, np.float64).tobytes(), np.int32)
+    words = np.asarray(multihost_utils.broadcast_one_to_all(words), np.int32)
+    return np.frombuffer(words.tobytes(), np.float64)
+
+
+def _check_options(model, batch_size: int, score_threshold: float, topk: int) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size!r}; expected a positive integer")
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"score_threshold = {score_threshold}; expected a probability in [0, 1] (0 keeps all)")
+    if not isinstance(topk, (int, np.integer)) or not 0 <= topk <= model.num_queries:
+        raise ValueError(f"topk = {topk!r}; expected 0 (keep all queries, official) or 1..{model.num_queries} "
+                         "(the model's num_queries)")
+
+
+def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, step: int | None = None,
+             name: str | None = None, source=None, score_threshold: float = 0.0, topk: int = 0,
+             ground_truth: str | None = None, log=print) -> dict:
+    """COCO bbox evaluation of ``model`` with ``variables`` on the val split of ``data_config``.
+
+    model: ``build_model(config.model)``; variables: {"params", "buffers"} (numpy or jax arrays);
+    data_config: ``config.data`` (tfds COCO, a COCO-format folder or the synthetic dataset).
+    batch_size: global, over all hosts; each host takes its share rounded up to a multiple of its
+      devices (extra slots are fillers). The result does not depend on it.
+    workdir, step, name: where the files go (see the module docstring; nothing written without workdir).
+    source: ``detr_jax.data.load_dataset(data_config, "val")`` to reuse (periodic evaluation during
+      training loads it once); default: loaded here.
+    score_threshold: keep detections scoring at least this (0: all, official); topk: keep each
+      image's k best queries (0: all, official). ground_truth: an instances json to evaluate against
+      (e.g. the official instances_val2017.json with tfds COCO); default: ``source.ground_truth()``.
+    log: where process 0 prints the summary and per-class table (None: silent).
+
+    Detections whose label has no category id (unused labels, -1 in
+    ``info.label_to_category_id``) are left out of the results: pycocotools ignores them anyway.
+    Fillers and unreadable images (fillers too, counted in the data report) are not evaluated;
+    COCOeval's imgIds are the evaluated images.
+
+    Works with several hosts (each evaluates its share; predictions gathered; process 0 runs
+    COCOeval and writes) and several local devices (batches sharded over them).
+
+    Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"
+    (floats, pycocotools' COCOeval.stats), "num_images" (evaluated images), "num_detections"
+    (results entries): the same on every process; "per_class" ([{"category_id", "name", "num_gt",
+    "AP", "AP50", "AP75"}]; process 0, [] elsewhere), "summary" (pycocotools' printed summary;
+    process 0, "" elsewhere), "eval_dir" (str or None), "inference_seconds", "cocoeval_seconds"
+    (this process's)}.
+    """
+    from detr_jax import data
+
+    _check_options(model, batch_size, score_threshold, topk)
+    source = source if source is not None else data.load_dataset(data_config, "val")
+    if source.info.num_images == 0:
+        raise ValueError("the val split has no images to evaluate (see the data report)")
+    start = time.perf_counter()
+    predictions = predict_split(model, variables, data_config, source, batch_size=batch_size, topk=topk)
+    timings = {"inference_seconds": time.perf_counter() - start, "cocoeval_seconds": 0.0}
+    directory = None if workdir is None else eval_dir(workdir, step=step, name=name)
+    scored = None
+    if jax.process_index() == 0:
+        start = time.perf_counter()
+        scored = score_predictions(predictions, source, ground_truth_coco(source, ground_truth),
+                                   score_threshold=score_threshold)
+        timings["cocoeval_seconds"] = time.perf_counter() - start
+        if log is not None:
+            _log_scored(log, scored, source, ground_truth)
+        if directory is not None:
+            write_outputs(directory, scored, {"step": step, "name": name, "batch_size": batch_size,
+                                              "score_threshold": score_threshold, "topk": topk,
+                                              "ground_truth": ground_truth or "source"})
+    numbers = broadcast_numbers(np.asarray([scored[k] for k in NUMBERS] if scored else [0.0] * len(NUMBERS)))
+    return {**{k: float(v) for k, v in zip(coco.METRIC_NAMES, numbers)},
+            "num_images": int(numbers[-2]), "num_detections": int(numbers[-1]),
+            "per_class": scored["per_class"] if scored else [], "summary": scored["summary"] if scored else "",
+            "eval_dir": None if directory is None else str(directory), **timings}
+
+
+def predict_split(model, variables, data_config, source, *, batch_size: int, topk: int) -> dict:
+    """Every host's predictions of the val split (``predict_batches``), gathered on every process.
+    batch_size: global (see ``evaluate``)."""
+    from detr_jax import data
+
+    host_batch = host_batch_size(batch_size, jax.process_count(), jax.local_device_count())
+    batches = data.eval_batches(data_config, host_batch, source=source)
+    return gather_hosts(predict_batches(predictor(model, topk), variables, batches, source.records.image_id,
+                                        local_mesh()))
+
+
+def _log_scored(log, scored: dict, source, ground_truth) -> None:
+    """Print the evaluation: image counts, pycocotools' summary, the per-class table."""
+    total, done = source.info.num_images, scored["num_images"]
+    log(f"COCO bbox evaluation: {done} of {total} val images evaluated"
+        + (f" ({total - done} unreadable, left out: see the data report)" if done < total else "")
+        + f", {scored['num_detections']} detections, ground truth: {ground_truth or 'the dataset annotations'}")
+    log(scored["summary"].rstrip("\n"))
+    log("per-class AP (IoU 0.50:0.95, area all, 100 detections; -1: no ground truth):")
+    log(coco.format_per_class(scored["per_class"]))
