@@ -82,9 +82,9 @@ def initial_variables(config, model, rng):
     checkpoint file (.pth / .npz), optionally without its class head; then optionally torchvision
     ImageNet weights for the backbone."""
     init = config.init
-    image, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
-    variables = jax.jit(model.init)(rng, image, mask)
-    if init.checkpoint:
+    if not init.checkpoint:
+        variables = jax.jit(model.init)(rng, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+    else:  # no fresh init to throw away: the checkpoint gives every variable (or the class head's rng)
         path = Path(init.checkpoint)
         if path.is_dir():
             saved, saved_model_config = checkpoint.load_variables(path)

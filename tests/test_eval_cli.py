@@ -1,7 +1,6 @@
 """eval.py as a user runs it: --help, the latest training checkpoint of a workdir, converted official
 DETR-R50 weights on synthetic images; and what each kind of --checkpoint loads."""
 import json
-import os
 import subprocess
 import sys
 

@@ -130,6 +130,36 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_
     assert read_history(tmp_path / "skip")[-1]["skipped_steps"] >= 1
 
 
+def test_initial_variables_from_official_checkpoint_and_torchvision(tmp_path):
+    import jax.numpy as jnp
+
+    from configs.synthetic import get_config
+    from detr_jax import build_model
+    from detr_jax.convert import to_official_state_dict
+    from detr_jax.training import initial_variables
+
+    config = get_config("tiny")
+    config.model.backbone_norm = "frozen_bn"  # the official layout
+    model = build_model(config.model)
+    source = jax.device_get(model.init(jax.random.PRNGKey(7), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)))
+    official = to_official_state_dict(source, config.model)
+    np.savez(tmp_path / "official.npz", **official)
+    config.init.update(checkpoint=str(tmp_path / "official.npz"), drop_class_head=True)
+    loaded = initial_variables(config, model, jax.random.PRNGKey(0))
+    flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    a, b = flat(source), flat(loaded)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]) != ("class_embed" in key), key  # all but the dropped head
+    prefix = "backbone.0.body."
+    np.savez(tmp_path / "resnet.npz", **{k[len(prefix):]: v * 2 for k, v in official.items() if k.startswith(prefix)})
+    config.init.update(checkpoint="", drop_class_head=False, torchvision_backbone=str(tmp_path / "resnet.npz"))
+    fresh = flat(initial_variables(config, model, jax.random.PRNGKey(0)))
+    for key in a:
+        if "backbone" in key:
+            np.testing.assert_array_equal(fresh[key], 2 * a[key], err_msg=key)
+
+
 def _devices_check():
     """Run with 4 simulated devices: one step of a global batch of 8 on 1 device and on 4."""
     import jax.numpy as jnp
