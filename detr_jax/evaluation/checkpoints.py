@@ -67,12 +67,14 @@ def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_co
     return Loaded(variables, model_config, None, path.stem, None)
 
 
-def _data_config(config, loaded: Loaded):
+def data_config_for(config, loaded: Loaded):
+    """config.data of --config, else of the training run that wrote the checkpoint: the dataset and
+    the eval sizes."""
     for candidate in (config, loaded.run_config):
         if candidate is not None and "data" in candidate:
             return candidate.data
     raise ValueError("no data config: pass --config with a config.data (e.g. configs/detr_coco.py:r50) to say "
-                     "which val split to evaluate")
+                     "which dataset and eval image sizes to use")
 
 
 def evaluate_checkpoint(config, workdir, *, checkpoint: str = "", step: int | None = None, log=print,
@@ -87,7 +89,7 @@ def evaluate_checkpoint(config, workdir, *, checkpoint: str = "", step: int | No
 
     model_config = config.model if config is not None and "model" in config else None
     loaded = load_for_eval(checkpoint, workdir=workdir, step=step, model_config=model_config, warn=log)
-    data_config = _data_config(config, loaded)
+    data_config = data_config_for(config, loaded)
     settings = eval_settings(config if config is not None else loaded.run_config, **flags)
     source = data.load_dataset(data_config, "val")
     log(f"evaluating {checkpoint or 'the latest training checkpoint'} ({loaded.name}; backbone "

@@ -20,7 +20,8 @@ def postprocess(pred_logits, pred_boxes, orig_size, *, topk: int = 0) -> dict:
     in query order; k in 1..Q keeps each image's k best (by score, descending; ties: lower query).
 
     Returns {"scores" [B, K] float32, "labels" [B, K] int32 (class index 0..C-1),
-    "boxes" [B, K, 4] float32 (x0, y0, x1, y1) pixels}, K = Q or topk.
+    "boxes" [B, K, 4] float32 (x0, y0, x1, y1) pixels, "queries" [B, K] int32 (the query of each
+    detection)}, K = Q or topk.
     """
     num_queries = pred_logits.shape[1]
     if not 0 <= topk <= num_queries:
@@ -31,8 +32,9 @@ def postprocess(pred_logits, pred_boxes, orig_size, *, topk: int = 0) -> dict:
     h, w = (orig_size[:, i].astype(jnp.float32) for i in (0, 1))
     scale = jnp.stack([w, h, w, h], axis=-1)[:, None, :]
     boxes = cxcywh_to_xyxy(pred_boxes.astype(jnp.float32)) * scale
+    queries = jnp.broadcast_to(jnp.arange(num_queries, dtype=jnp.int32), scores.shape)
     if topk:
-        scores, keep = jax.lax.top_k(scores, topk)
-        labels = jnp.take_along_axis(labels, keep, axis=1)
-        boxes = jnp.take_along_axis(boxes, keep[..., None], axis=1)
-    return {"scores": scores, "labels": labels, "boxes": boxes}
+        scores, queries = jax.lax.top_k(scores, topk)
+        labels = jnp.take_along_axis(labels, queries, axis=1)
+        boxes = jnp.take_along_axis(boxes, queries[..., None], axis=1)
+    return {"scores": scores, "labels": labels, "boxes": boxes, "queries": queries.astype(jnp.int32)}

@@ -86,6 +86,8 @@ class MultiHeadAttention(nn.Module):
 
     query [B, Lq, d], key [B, Lk, d], value [B, Lk, d], key_padding_mask [B, Lk] (True = ignore)
     -> [B, Lq, d]. Softmax in float32; dropout on the attention weights when training.
+    With ``mutable=["attention"]`` the softmax weights [B, heads, Lq, Lk] (before dropout, 0 on
+    padded keys) are sown as ``weights``; without it (and in ``init``) nothing is sown.
     """
     num_heads: int
     dropout: float = 0.0
@@ -109,6 +111,8 @@ class MultiHeadAttention(nn.Module):
         logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32)
         logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        if not self.is_initializing():  # init returns variables only (it makes every collection mutable)
+            self.sow("attention", "weights", weights)  # [B, heads, Lq, Lk]; only with mutable=["attention"]
         weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
         out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(*query.shape[:-1], d)
         return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, bias_init=zeros, name="out_proj")(out)
