@@ -29,7 +29,7 @@ flags.DEFINE_bool("draw", False, "Write each image with its detections drawn (NA
 flags.DEFINE_bool("decoder_attention", False, "Write each image's decoder cross-attention figure, one panel per "
                   "detection (NAME_decoder_attention.png).")
 flags.DEFINE_multi_string("encoder_pixel", [], "X,Y: a pixel of the original image whose encoder self-attention "
-                          "is drawn (NAME_encoder_attention.png); repeat the flag for several pixels.")
+                          "is drawn (NAME_encoder_attention.png); repeat the flag for several pixels")
 flags.DEFINE_list("class_names", [], "Comma-separated name of every class index (default: COCO's for a 91-class "
                   "model, else the dataset's category names).")
 

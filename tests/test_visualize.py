@@ -14,7 +14,9 @@ from detr_jax import build_model
 from detr_jax.evaluation.inference import predictor
 from detr_jax.models.layers import MultiHeadAttention
 from detr_jax.visualize import attention, draw
-from detr_jax.visualize.detect import class_names, coco_class_names, output_names, select_detections
+from detr_jax.data.image_files import find_images
+from detr_jax.visualize.detect import (class_names, coco_class_names, detect_checkpoint, output_names, parse_pixels,
+                                      select_detections)
 from detr_jax.visualize.plots import curves_figure, load_runs, plot_runs, read_history, summary_table
 from test_eval_cli import tiny_run  # noqa: F401  (a fixture: a workdir with training checkpoints)
 from test_eval_pipeline import numpy_variables
@@ -162,6 +164,23 @@ def test_drawn_box_lies_where_the_detection_says():
     assert (pixels[30:][~ring[30:]] == grey).all()
     band = coloured[:30]  # the caption band: above the box, from its left edge
     assert band[29, 20] and band[20:30, 20:40].mean() > 0.5 and not band[:, :20].any()
+
+
+def test_find_images_and_what_detect_refuses(tmp_path):
+    for name in ("b.png", "a.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.JPEG").write_bytes(b"x")
+    assert find_images(str(tmp_path / "b.png")) == [str(tmp_path / "b.png")]
+    assert find_images(str(tmp_path)) == [str(tmp_path / "a.jpg"), str(tmp_path / "b.png")]
+    assert find_images(str(tmp_path / "**" / "*")) == [str(tmp_path / n) for n in ("a.jpg", "b.png", "sub/c.JPEG")]
+    with pytest.raises(FileNotFoundError, match="no image file there"):
+        find_images(str(tmp_path / "*.gif"))
+    with pytest.raises(ValueError, match="pass --workdir"):
+        detect_checkpoint(None, str(tmp_path), tmp_path / "out")
+    assert parse_pixels(["3,4.5"]) == [(3.0, 4.5)]
+    with pytest.raises(ValueError, match="--encoder_pixel='3'"):
+        parse_pixels(["3"])
 
 
 # --- python -m detr_jax.detect --------------------------------------------------------------------
