@@ -1,7 +1,10 @@
 """The CPU demo: a small DETR trained from scratch on the built-in synthetic shapes dataset.
 
-The dataset (5 shape classes, 512 train / 128 val images of 128..256 px) is generated on first use
-under ~/.cache/detr_jax (or --config.data.data_dir). No download, no pretrained weights:
+The dataset (5 shape classes, 512 train / 128 val images of 128..256 px, 1..4 objects of 20..50% of
+the short side) is generated on first use under ~/.cache/detr_jax (or --config.data.data_dir). No
+download, no pretrained weights: the backbone is first pretrained for 1,000 steps as a dense
+classifier of the training boxes (``detr_jax.pretrain``, standing in for ImageNet weights), then
+DETR trains from it:
 
   python train.py --config=configs/synthetic.py --workdir=runs/synthetic       # the demo
   python train.py --config=configs/synthetic.py:tiny --workdir=/tmp/smoke      # seconds: smoke test
@@ -26,17 +29,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.variant = variant
     config.model = model_config(backbone="resnet_tiny", backbone_norm="group_norm", frozen_stages=-1, num_classes=5,
-                                num_queries=20, hidden_dim=128, num_heads=4, num_encoder_layers=3,
+                                num_queries=10, hidden_dim=128, num_heads=4, num_encoder_layers=3,
                                 num_decoder_layers=3, ffn_dim=256, dropout=0.0)
     config.loss = loss_config()
-    config.data = data_config(source="synthetic", label_mapping="contiguous", max_boxes=16, crop_prob=0.0,
-                              **SMALL_SIZES)
+    config.data = data_config(source="synthetic", label_mapping="contiguous", max_boxes=8, crop_prob=0.0,
+                              synthetic_max_objects=4, synthetic_object_scale=(0.2, 0.5), **SMALL_SIZES)
     config.optim = optim_config(lr=1e-4, lr_backbone=1e-4, weight_decay=1e-4, clip_norm=1.0, schedule="warmup_cosine",
                                 warmup_epochs=1.0)
-    config.train = train_config(batch_size=8, num_epochs=90.0, log_every_steps=100, checkpoint_every_steps=1000,
+    config.train = train_config(batch_size=8, num_epochs=80.0, log_every_steps=100, checkpoint_every_steps=1000,
                                 eval_every_steps=1000)
     config.eval = eval_config(batch_size=8)
-    config.init = init_config()
+    config.init = init_config(pretrain_steps=1000)
     if variant == "tiny":
         config.model.update(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=2, ffn_dim=64, num_queries=10)
         config.data.update(synthetic_num_train=32, synthetic_num_val=8, train_scales=(96, 112, 128), train_max_size=128,
@@ -44,8 +47,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                            eval_max_size=128, buckets=((128, 128),))  # one bucket: one compile
         config.train.update(batch_size=4, num_steps=6, num_epochs=0.0, log_every_steps=2, checkpoint_every_steps=3,
                             eval_every_steps=0, eval_at_end=False)
+        config.init.pretrain_steps = 0
     elif variant == "overfit":
         config.data.update(synthetic_num_train=8, synthetic_num_val=8, flip_prob=0.0, crop_prob=0.0,
                            train_scales=(160,), buckets=((256, 256),), eval_split="train")
         config.train.update(batch_size=8, num_steps=800, num_epochs=0.0, eval_every_steps=400)
+        config.init.pretrain_steps = 0  # memorising 8 images needs no pretrained features
     return config

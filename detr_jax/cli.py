@@ -3,6 +3,7 @@
   from detr_jax import cli
   cli.define_multihost_flags()      # at import, beside the script's own flags
   cli.start()                       # first thing in main(): jax.distributed if asked, quiet logs
+  cli.quiet()                       # single-host entry points: quiet logs only
 """
 import logging
 
@@ -29,9 +30,15 @@ class _LibraryChatter(logging.Filter):
 def start() -> None:
     """jax.distributed.initialize() when the flags ask for it; keep the console for progress lines."""
     import jax
-    from absl import logging as absl_logging
 
     f = flags.FLAGS
     if f.coordinator_address or f.multihost:
         jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+    quiet()
+
+
+def quiet() -> None:
+    """Keep the console for progress lines: drop orbax's and JAX's INFO chatter."""
+    from absl import logging as absl_logging
+
     absl_logging.get_absl_handler().addFilter(_LibraryChatter())

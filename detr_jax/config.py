@@ -103,7 +103,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         ``tfds build``), its folder ("": tfds's default) and split names.
       eval_split: the files evaluation reads for coco_json / synthetic: "val", or "train" to evaluate
         on the training images (overfitting checks); with tfds set tfds_val_split instead.
-      synthetic_num_train, synthetic_num_val, synthetic_seed: the synthetic dataset's size and seed.
+      synthetic_num_train, synthetic_num_val, synthetic_seed: the synthetic dataset's size and seed;
+        synthetic_max_objects: most objects per image (1 + Binomial(max - 1, 0.3), about 6% of images
+        empty); synthetic_object_scale: (min, max) object side as fractions of the image's short side.
       label_mapping: "category_id" (label = category id, num_classes = max id + 1; COCO: 91, as
         official DETR) or "contiguous" (label = index in the sorted category ids).
       unknown_category: an annotation whose category id is not in 'categories': "error" or "skip".
@@ -138,6 +140,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         synthetic_num_train=512,
         synthetic_num_val=128,
         synthetic_seed=0,
+        synthetic_max_objects=12,
+        synthetic_object_scale=(0.12, 0.5),
         label_mapping="category_id",
         unknown_category="error",
         max_boxes=100,
@@ -232,8 +236,13 @@ def init_config(**overrides) -> ml_collections.ConfigDict:
         another set of classes).
       torchvision_backbone: "" or a torchvision ImageNet ResNet file (.pth / .npz) for the backbone,
         as the official recipe starts.
+      pretrain_steps: 0, or pretrain a fresh backbone for this many steps as a dense classifier of the
+        training boxes before DETR starts (a stand-in for ImageNet weights; single host; see
+        ``detr_jax.pretrain``). Not redone when a run resumes from its checkpoint.
+      pretrain_lr: its AdamW learning rate.
     """
-    cfg = ml_collections.ConfigDict(dict(checkpoint="", drop_class_head=False, torchvision_backbone=""))
+    cfg = ml_collections.ConfigDict(dict(checkpoint="", drop_class_head=False, torchvision_backbone="",
+                                         pretrain_steps=0, pretrain_lr=1e-3))
     cfg.update(overrides)
     return cfg
 

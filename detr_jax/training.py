@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, convert
+from detr_jax import checkpoint, convert, pretrain
 from detr_jax.metrics import MetricsWriter, Throughput, format_duration, mean_metrics
 from detr_jax.losses import compute_loss
 from detr_jax.models import build_model, trainable_mask
@@ -237,6 +237,9 @@ def train_and_evaluate(config, workdir) -> TrainState:
     _log(f"dataset: {source.info.num_images} training images, {plan.steps_per_epoch} steps per epoch; "
          f"training steps {start} -> {plan.total_steps}")
 
+    if restored is None and config.init.pretrain_steps > 0:
+        variables = pretrain.pretrain_backbone(config, model, variables, source, workdir, log=_log)
+        state = state.replace(params=variables["params"])
     step_fn = make_train_step(model, tx, schedule, config.loss, config.model, accum)
     p_step = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
     local = jax.local_device_count()

@@ -60,6 +60,16 @@ def test_variety(dataset):
     assert area.max() > 8 * area.min()
 
 
+def test_object_count_and_scale_follow_the_spec():
+    spec = Spec(min_size=64, max_size=96, max_objects=3, object_scale=(0.3, 0.5))
+    for i in range(40):
+        pixels, objects = synthetic.render(np.random.default_rng([0, 0, i]), spec)
+        short = min(pixels.shape[:2])
+        assert len(objects) <= 3
+        for _, (_, _, w, h), _ in objects:  # side = short * U(0.3, 0.5), stretched by sqrt(0.7..1.4)
+            assert 0.3 * short * 0.7 ** 0.5 - 2 <= max(w, h) <= 0.5 * short * 1.4 ** 0.5 + 1
+
+
 def test_some_images_are_empty():
     rng_counts = [len(synthetic.render(np.random.default_rng([0, 0, i]), Spec(min_size=64, max_size=96))[1])
                   for i in range(120)]
@@ -108,16 +118,18 @@ def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_ensure_generates_once_and_checks_the_spec(tmp_path):
-    out = str(tmp_path / "data")
-    assert ensure_synthetic(out, num_train=4, num_val=2, seed=1) == out
+    out, spec = str(tmp_path / "data"), Spec(num_train=4, num_val=2, seed=1)
+    assert ensure_synthetic(out, spec) == out
     stamp = os.path.getmtime(os.path.join(out, "synthetic.json"))
-    assert ensure_synthetic(out, num_train=4, num_val=2, seed=1) == out
+    assert ensure_synthetic(out, spec) == out
     assert os.path.getmtime(os.path.join(out, "synthetic.json")) == stamp
-    with pytest.raises(ValueError, match="generated with"):
-        ensure_synthetic(out, num_train=5, num_val=2, seed=1)
+    for other in (Spec(num_train=5, num_val=2, seed=1), Spec(num_train=4, num_val=2, seed=1, max_objects=3),
+                  Spec(num_train=4, num_val=2, seed=1, object_scale=(0.2, 0.5))):
+        with pytest.raises(ValueError, match="generated with"):
+            ensure_synthetic(out, other)
     os.makedirs(tmp_path / "other")
     with pytest.raises(ValueError, match="not a synthetic dataset"):
-        ensure_synthetic(str(tmp_path / "other"), num_train=4, num_val=2, seed=1)
+        ensure_synthetic(str(tmp_path / "other"), spec)
     with pytest.raises(FileExistsError):
         generate(out, Spec(num_train=4, num_val=2, seed=1))
 

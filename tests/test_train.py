@@ -57,7 +57,7 @@ def test_train_checkpoint_events_preemption_and_exact_resume(tmp_path, data_dir)
     the parameters must agree (dropout on: its random stream, the data order and the augmentation
     all follow the step)."""
     common = ["--config.train.num_steps=8", "--config.train.log_every_steps=1", "--config.train.checkpoint_every_steps=4",
-              "--config.model.dropout=0.1"]
+              "--config.model.dropout=0.1", "--config.init.pretrain_steps=3"]
     straight = tmp_path / "straight"
     code, out = train(straight, data_dir, *common, "--config.train.eval_every_steps=4")
     assert code == 0, out
@@ -74,6 +74,9 @@ def test_train_checkpoint_events_preemption_and_exact_resume(tmp_path, data_dir)
     for key in ("loss", "loss_ce", "loss_bbox_0", "class_error", "grad_norm", "lr", "steps_per_s", "eta_s"):
         assert np.isfinite(history[-1][key]), key
     assert json.loads((straight / "config.json").read_text())["train"]["num_steps"] == 8
+    pretraining = read_history(straight, "pretrain")  # the backbone, before DETR's first step
+    assert [h["step"] for h in pretraining] == [1, 2, 3] and np.isfinite(pretraining[-1]["loss"])
+    assert "pretrain 3/3 loss" in out
 
     preempted = tmp_path / "preempted"
     process = train(preempted, data_dir, *common, wait=False)
@@ -90,6 +93,7 @@ def test_train_checkpoint_events_preemption_and_exact_resume(tmp_path, data_dir)
     assert code == 0, out
     assert f"resumed from {preempted / 'checkpoints' / str(interrupted_at)} (step {interrupted_at})" in out
     assert f"training steps {interrupted_at} -> 8" in out
+    assert "pretraining the backbone" not in out  # the checkpoint holds the pretrained backbone
     step_a, params_a = final_params(straight)
     step_b, params_b = final_params(preempted)
     assert step_a == step_b == 8

@@ -34,7 +34,8 @@ def check_data_config(cfg) -> None:
         if cfg[field] not in allowed:
             bad(field, "one of " + ", ".join(allowed))
     for field in ("max_boxes", "train_max_size", "crop_min_size", "crop_max_size", "eval_size", "eval_max_size",
-                  "size_divisor", "shuffle_window", "synthetic_num_train", "synthetic_num_val"):
+                  "size_divisor", "shuffle_window", "synthetic_num_train", "synthetic_num_val",
+                  "synthetic_max_objects"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             bad(field, "a positive integer")
     for field in ("train_scales", "crop_resize_scales"):
@@ -43,6 +44,9 @@ def check_data_config(cfg) -> None:
     for field in ("flip_prob", "crop_prob"):
         if not 0.0 <= cfg[field] <= 1.0:
             bad(field, "a probability in [0, 1]")
+    low, high = cfg.synthetic_object_scale
+    if not 0 < low <= high <= 1:
+        bad("synthetic_object_scale", "(min, max) with 0 < min <= max <= 1")
     if cfg.crop_min_size > cfg.crop_max_size:
         bad("crop_min_size", f"at most crop_max_size ({cfg.crop_max_size})")
     if cfg.num_parallel_calls != -1 and cfg.num_parallel_calls < 1:
@@ -121,8 +125,7 @@ def load_dataset(data_config, split: str, *, process_index: int | None = None,
         raise ValueError(f"split {split!r}; expected one of {', '.join(SPLITS)}")
     process_index, process_count = resolve_host(process_index, process_count)
     if data_config.source == "synthetic":
-        synthetic.ensure_synthetic(synthetic.default_dir(data_config), num_train=data_config.synthetic_num_train,
-                                   num_val=data_config.synthetic_num_val, seed=data_config.synthetic_seed)
+        synthetic.ensure_synthetic(synthetic.default_dir(data_config), synthetic.spec_of(data_config))
     loader = tfds_coco.load if data_config.source == "tfds" else coco_json.load
     source = loader(data_config, split, process_index, process_count)
     logging.info("%s", source.report.summary())

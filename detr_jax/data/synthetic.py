@@ -47,12 +47,20 @@ class Spec:
         return {**dataclasses.asdict(self), "object_scale": list(self.object_scale)}
 
 
+def spec_of(data_config) -> Spec:
+    """The Spec a data config asks for (its synthetic_* fields)."""
+    return Spec(num_train=data_config.synthetic_num_train, num_val=data_config.synthetic_num_val,
+                seed=data_config.synthetic_seed, max_objects=data_config.synthetic_max_objects,
+                object_scale=tuple(data_config.synthetic_object_scale))
+
+
 def default_dir(data_config) -> str:
-    """data_config.data_dir, or a folder under ~/.cache/detr_jax named by the dataset's size and seed."""
+    """data_config.data_dir, or a folder under ~/.cache/detr_jax named by the configured Spec fields."""
     if data_config.data_dir:
         return data_config.data_dir
-    name = (f"synthetic-s{data_config.synthetic_seed}-{data_config.synthetic_num_train}-"
-            f"{data_config.synthetic_num_val}")
+    spec = spec_of(data_config)
+    name = (f"synthetic-s{spec.seed}-{spec.num_train}-{spec.num_val}-o{spec.max_objects}-"
+            f"{spec.object_scale[0]:g}-{spec.object_scale[1]:g}")
     return os.path.join(os.path.expanduser("~"), ".cache", "detr_jax", name)
 
 
@@ -192,7 +200,7 @@ def generate(out_dir: str, spec: Spec = Spec()) -> str:
     return out
 
 
-CONFIGURED = ("num_train", "num_val", "seed", "version")  # what a data config asks of a synthetic folder
+CONFIGURED = ("num_train", "num_val", "seed", "max_objects", "object_scale", "version")  # what a data config asks of a synthetic folder
 
 
 def _matching(out: str, spec: Spec) -> bool:
@@ -212,14 +220,13 @@ def _matching(out: str, spec: Spec) -> bool:
     return True
 
 
-def ensure_synthetic(data_dir: str, *, num_train: int, num_val: int, seed: int) -> str:
-    """The synthetic dataset in data_dir, generated there first if absent -> data_dir.
+def ensure_synthetic(data_dir: str, spec: Spec) -> str:
+    """The synthetic dataset ``spec`` in data_dir, generated there first if absent -> data_dir.
 
-    An existing one must have these counts and seed (it may have other image sizes, from the CLI's
-    --min_size / --max_size). Safe when several processes start together: each generates into its
+    An existing one must match spec's CONFIGURED fields (it may have other image sizes, from the
+    CLI's --min_size / --max_size). Safe when several processes start together: each generates into its
     own temporary folder and the first rename wins; the others find the finished dataset.
     """
-    spec = Spec(num_train=num_train, num_val=num_val, seed=seed)
     out = os.path.abspath(data_dir)
     if _matching(out, spec):
         return out
@@ -240,11 +247,17 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=Spec.seed, help="random seed")
     parser.add_argument("--min_size", type=int, default=Spec.min_size, help="smallest image side, pixels")
     parser.add_argument("--max_size", type=int, default=Spec.max_size, help="largest image side, pixels")
+    parser.add_argument("--max_objects", type=int, default=Spec.max_objects, help="most objects per image")
+    parser.add_argument("--object_scale", type=float, nargs=2, default=Spec.object_scale, metavar=("MIN", "MAX"),
+                        help="object side range, as fractions of the image's short side")
     args = parser.parse_args(argv)
     if not 16 <= args.min_size <= args.max_size:
         parser.error(f"need 16 <= --min_size ({args.min_size}) <= --max_size ({args.max_size})")
+    if args.max_objects < 1 or not 0 < args.object_scale[0] <= args.object_scale[1] <= 1:
+        parser.error(f"need --max_objects >= 1 and 0 < MIN <= MAX <= 1 for --object_scale; got {args.max_objects}, "
+                     f"{args.object_scale}")
     spec = Spec(num_train=args.num_train, num_val=args.num_val, seed=args.seed, min_size=args.min_size,
-                max_size=args.max_size)
+                max_size=args.max_size, max_objects=args.max_objects, object_scale=tuple(args.object_scale))
     try:
         out = generate(args.out, spec)
     except FileExistsError as e:

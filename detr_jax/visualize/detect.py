@@ -162,12 +162,12 @@ def parse_pixels(specs) -> list[tuple[float, float]]:
 
 
 
-def detect_checkpoint(config, images: str, output, *, workdir=None, checkpoint: str = "", step=None,
+def detect_checkpoint(config, images, output, *, workdir=None, checkpoint: str = "", step=None,
                       class_names_override=(), encoder_pixels=(), log=print, **settings) -> dict:
     """What the command line does: load a checkpoint (``load_for_eval``: a training workdir's latest
     or ``step``, a converted directory, an official .pth/.npz for config.model), take the eval sizes
-    from config.data (else the training run's), find the images (a file, folder or glob) and
-    ``detect``. settings: threshold, topk, batch_size, draw_boxes, decoder_attention."""
+    from config.data (else the training run's), find the images (a file, folder or glob, or a list
+    of image paths) and ``detect``. settings: threshold, topk, batch_size, draw_boxes, decoder_attention."""
     from detr_jax import build_model
     from detr_jax.data.image_files import find_images
     from detr_jax.evaluation.checkpoints import data_config_for, load_for_eval
@@ -178,7 +178,7 @@ def detect_checkpoint(config, images: str, output, *, workdir=None, checkpoint: 
     model_config = config.model if config is not None and "model" in config else None
     loaded = load_for_eval(checkpoint, workdir=workdir, step=step, model_config=model_config, warn=log)
     data_config = data_config_for(config, loaded)
-    paths = find_images(images)
+    paths = find_images(images) if isinstance(images, str) else list(images)
     names = class_names(loaded.model_config.num_classes, data_config, class_names_override)
     log(f"detecting with {loaded.name} ({loaded.model_config.backbone}, {loaded.model_config.num_classes} classes) "
         f"on {len(paths)} images, eval size {data_config.eval_size} / {data_config.eval_max_size}")

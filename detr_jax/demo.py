@@ -1,0 +1,84 @@
+r"""The first command's job: train the CPU demo, evaluate it, and draw what it learned.
+
+  python -m detr_jax.demo                                  # configs/synthetic.py, runs/demo-<time>
+  python -m detr_jax.demo --config=configs/synthetic.py:tiny --workdir=/tmp/smoke   # seconds
+
+In one run folder (named at the end): the synthetic dataset is generated on first use, the config
+trains (backbone pretraining, then DETR, with step / ETA lines and periodic COCO evaluation of the
+val split), then
+  plots/          losses.png, ap.png, summary.md  (``python -m detr_jax.plot_runs``)
+  detections/     detections.json, NAME.png with boxes, NAME_decoder_attention.png and
+                  NAME_encoder_attention.png for the first val images  (``python -m detr_jax.detect``)
+and a last summary: the final COCO AP, the wall time and where everything is. Run again with the
+same --workdir to resume an interrupted run.
+"""
+import json
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file[:variant] to train (default: the "
+                                "CPU demo, configs/synthetic.py).")
+flags.DEFINE_string("workdir", "", "Run folder (default: runs/demo-<date>-<time>); an existing run resumes.")
+flags.DEFINE_integer("num_images", 6, "Val images to draw detections and attention maps for.")
+flags.DEFINE_float("threshold", 0.5, "Score threshold of the drawn detections.")
+
+
+def demo_images(data_config, count: int) -> list[str]:
+    """The first ``count`` images (by file name) of the dataset's val image folder."""
+    from detr_jax.data.coco_json import split_paths
+    from detr_jax.data.image_files import find_images
+
+    if data_config.source == "tfds":
+        raise ValueError("python -m detr_jax.demo draws images of a synthetic or coco_json dataset (image files); "
+                         f"config.data.source is {data_config.source!r}")
+    return sorted(find_images(split_paths(data_config, "val")[1]))[:count]
+
+
+def final_ap(workdir) -> dict:
+    """The last line of WORKDIR/history/eval.jsonl ({} if the run was never evaluated)."""
+    path = Path(workdir) / "history" / "eval.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def run_demo(config, workdir, *, num_images: int, threshold: float, log=print) -> dict:
+    """Train ``config`` in ``workdir``, then write plots/ and detections/ there -> the final eval
+    metrics (step, AP, AP50, ...; {} if never evaluated)."""
+    from detr_jax.training import train_and_evaluate
+    from detr_jax.visualize.detect import detect_checkpoint
+    from detr_jax.visualize.plots import plot_runs
+
+    workdir = Path(workdir).resolve()
+    started = time.time()
+    train_and_evaluate(config, workdir)
+    trained = time.time()
+    plot_runs([str(workdir)], workdir / "plots", log=log)
+    images = demo_images(config.data, num_images)
+    detect_checkpoint(None, images, workdir / "detections", workdir=str(workdir), log=log, threshold=threshold,
+                      topk=0, batch_size=config.eval.batch_size, draw_boxes=True, decoder_attention=True,
+                      encoder_pixels=[(48, 48)])
+    metrics = final_ap(workdir)
+    ap = f"COCO AP {metrics['AP']:.3f} (AP50 {metrics['AP50']:.3f}, AP75 {metrics['AP75']:.3f})" if metrics else \
+        "no evaluation (config.train.eval_at_end is off)"
+    log(f"\ndemo finished in {time.time() - started:.0f} s ({trained - started:.0f} s training): {ap} on the val split "
+        f"at step {metrics.get('step', '-')}\nrun folder: {workdir}\n  curves:     {workdir / 'plots'}\n"
+        f"  detections: {workdir / 'detections'} (boxes at score >= {threshold:g}, decoder and encoder attention)\n"
+        f"  checkpoints, tensorboard/, history/, eval/ as for train.py")
+    return metrics
+
+
+def main(argv):
+    del argv
+    from detr_jax import cli
+
+    f = flags.FLAGS
+    cli.quiet()
+    workdir = f.workdir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    run_demo(f.config, workdir, num_images=f.num_images, threshold=f.threshold)
+
+
+if __name__ == "__main__":
+    app.run(main)
