@@ -14,6 +14,10 @@
 
 ``total = sum(ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou)`` over layers.
 
+Every term is a numerator over a denominator (``loss_sums``), divided by ``normalise``: summing
+both over batches, devices or hosts before dividing gives the loss of their union (evaluation's
+val loss over the whole split).
+
 Data parallelism: inside ``jax.pmap`` pass ``axis_name``. Every normaliser (target boxes, CE
 weights, images) is then summed over the devices, and each device returns its *share*: the psum of
 the shares (terms, total and gradients) is exactly the loss of the global batch on one device.
@@ -37,10 +41,12 @@ def _matched_classes(matched, labels, num_queries, no_object):
     return classes.at[batch, index].set(labels, mode="drop")
 
 
-def _layer_terms(logits, boxes, matched, targets, cfg, num_boxes, norm):
-    """Loss terms of one decoder layer: logits [B, Q, C+1], boxes [B, Q, 4], matched [B, M]."""
+def _layer_sums(logits, boxes, matched, targets, cfg, example_valid):
+    """(numerator, denominator) of each loss term of one decoder layer, summed over the batch:
+    logits [B, Q, C+1], boxes [B, Q, 4], matched [B, M], example_valid [B] bool (fillers: False)."""
     b, q, c1 = logits.shape
     valid = matched >= 0
+    num_boxes = targets["box_valid"].sum().astype(jnp.float32)
     target_classes = _matched_classes(matched, targets["labels"], q, c1 - 1)
     if cfg.classification == "sigmoid_focal":
         onehot = jax.nn.one_hot(target_classes, c1)[..., :-1]
@@ -49,54 +55,98 @@ def _layer_terms(logits, boxes, matched, targets, cfg, num_boxes, norm):
         ce = jnp.maximum(x, 0) - x * onehot + jnp.log1p(jnp.exp(-jnp.abs(x)))
         p_t = p * onehot + (1 - p) * (1 - onehot)
         alpha_t = cfg.focal_alpha * onehot + (1 - cfg.focal_alpha) * (1 - onehot)
-        loss_ce = (alpha_t * ce * (1 - p_t) ** cfg.focal_gamma).sum() / num_boxes
+        focal = (alpha_t * ce * (1 - p_t) ** cfg.focal_gamma).sum((1, 2))
+        loss_ce = (jnp.where(example_valid, focal, 0).sum(), num_boxes)
     else:
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]
-        weight = jnp.where(target_classes == c1 - 1, cfg.eos_coef, 1.0)
-        loss_ce = (weight * nll).sum() / norm(weight.sum())
+        weight = jnp.where(target_classes == c1 - 1, cfg.eos_coef, 1.0) * example_valid[:, None]
+        loss_ce = ((weight * nll).sum(), weight.sum())
 
     src = jnp.take_along_axis(boxes, jnp.maximum(matched, 0)[..., None], axis=1)  # [B, M, 4]
     l1 = jnp.abs(src - targets["boxes"]).sum(-1)
     giou = box_ops.elementwise_generalized_box_iou(box_ops.cxcywh_to_xyxy(src), box_ops.cxcywh_to_xyxy(targets["boxes"]))
-    loss_bbox = jnp.where(valid, l1, 0).sum() / num_boxes
-    loss_giou = jnp.where(valid, 1 - giou, 0).sum() / num_boxes
 
-    logits = jax.lax.stop_gradient(logits)
-    predicted = (logits.argmax(-1) != c1 - 1).sum(-1)
-    cardinality = jnp.abs(predicted - targets["box_valid"].sum(-1)).sum() / norm(jnp.asarray(b, jnp.float32))
-    return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou,
-            "cardinality_error": cardinality.astype(jnp.float32)}
+    predicted = (jax.lax.stop_gradient(logits).argmax(-1) != c1 - 1).sum(-1)
+    cardinality = jnp.where(example_valid, jnp.abs(predicted - targets["box_valid"].sum(-1)), 0)
+    return {"loss_ce": loss_ce, "loss_bbox": (jnp.where(valid, l1, 0).sum(), num_boxes),
+            "loss_giou": (jnp.where(valid, 1 - giou, 0).sum(), num_boxes),
+            "cardinality_error": (cardinality.sum().astype(jnp.float32), example_valid.sum().astype(jnp.float32))}
 
 
-def _class_error(logits, matched, labels, norm):
-    """100 - top-1 accuracy (%) of the matched queries; 100 when nothing is matched (official)."""
+def _class_error_sums(logits, matched, labels):
+    """(wrong top-1 classes, matched queries) of the final layer."""
     valid = matched >= 0
     top1 = jnp.take_along_axis(jax.lax.stop_gradient(logits).argmax(-1), jnp.maximum(matched, 0), axis=1)
     wrong = jnp.where(valid, top1 != labels, False).sum()
-    total = norm(valid.sum().astype(jnp.float32))
-    share_of_devices = 1.0 / norm(jnp.asarray(1.0))
-    return jnp.where(total > 0, 100.0 * wrong / jnp.maximum(total, 1.0), 100.0 * share_of_devices)
+    return wrong.astype(jnp.float32), valid.sum().astype(jnp.float32)
+
+
+def loss_sums(outputs, targets, loss_config, *, method=None) -> dict:
+    """{term: (numerator, denominator)} of every loss term over the batch (float32 scalars): the
+    term is numerator / denominator (see ``normalise``), so sums of both over batches, devices or
+    hosts give the term of their union exactly.
+
+    - loss_ce: softmax: (sum of weight x NLL, sum of the weights) over every query;
+      sigmoid_focal: (sum of the focal loss, number of target boxes).
+    - loss_bbox, loss_giou: (sum over matched queries, number of target boxes).
+    - cardinality_error: (sum over images of |#predicted objects - #targets|, number of images).
+    - class_error (final layer): (wrong top-1 classes, matched queries).
+    Auxiliary layers' terms suffixed ``_l`` as in ``compute_loss``.
+
+    targets: as ``compute_loss``, optionally with "example_valid" [B] bool: images with False
+    (fillers) count nowhere (they have no boxes; their queries and images are left out).
+    """
+    cfg = loss_config
+    example_valid = targets.get("example_valid", jnp.ones(targets["labels"].shape[:1], bool))
+    matched = match(outputs, targets, cfg, method)  # [L, B, M]
+    logits, boxes = stack_layers(outputs, cfg.aux_loss)
+    num_layers = logits.shape[0]
+    sums = {}
+    for layer in range(num_layers):
+        suffix = "" if layer == num_layers - 1 else f"_{layer}"
+        layer_sums = _layer_sums(logits[layer], boxes[layer], matched[layer], targets, cfg, example_valid)
+        sums.update({name + suffix: value for name, value in layer_sums.items()})
+    sums["class_error"] = _class_error_sums(logits[-1], matched[-1], targets["labels"])
+    return sums
+
+
+def normalise(sums, loss_config, *, axis_name=None):
+    """``loss_sums`` output -> (total, terms) as ``compute_loss``: each term numerator / denominator,
+    a denominator of 0 read as 1 (official: at least one box; its numerator is then 0), except
+    class_error, 100 when nothing is matched (official). total = sum over layers of the weighted
+    loss_ce, loss_bbox and loss_giou.
+
+    With ``axis_name`` (inside pmap) the denominators are summed over the devices and each device
+    returns its share: the psum of the shares is the loss of the whole batch.
+    """
+    cfg = loss_config
+    norm = lambda x: _psum(x, axis_name)
+    terms = {}
+    for name, (numerator, denominator) in sums.items():
+        denominator = norm(denominator)
+        if name == "class_error":
+            share_of_devices = 1.0 / norm(jnp.asarray(1.0))
+            terms[name] = jnp.where(denominator > 0, 100.0 * numerator / jnp.maximum(denominator, 1.0),
+                                    100.0 * share_of_devices)
+        else:
+            terms[name] = numerator / jnp.where(denominator > 0, denominator, 1.0)
+    weights = {"loss_ce": cfg.ce_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
+    total = sum(weights[_unsuffixed(name)] * value for name, value in terms.items() if _unsuffixed(name) in weights)
+    return total, terms
+
+
+def _unsuffixed(name: str) -> str:
+    """A term's name without its auxiliary layer suffix: loss_ce_0 -> loss_ce."""
+    base, _, last = name.rpartition("_")
+    return base if last.isdigit() else name
 
 
 def compute_loss(outputs, targets, loss_config, *, axis_name=None, method=None):
     """(total, terms) of the set-prediction loss; see the module docstring.
 
     outputs: the model's dict; targets: {"labels" [B, M] int32, "boxes" [B, M, 4] (cxcywh,
-    normalised), "box_valid" [B, M] bool}; method: matcher override ("host" / "device").
+    normalised), "box_valid" [B, M] bool, optionally "example_valid" [B] bool (see ``loss_sums``)};
+    method: matcher override ("host" / "device").
     """
-    cfg = loss_config
-    norm = lambda x: _psum(x, axis_name)
-    matched = match(outputs, targets, cfg, method)  # [L, B, M]
-    logits, boxes = stack_layers(outputs, cfg.aux_loss)
-    num_boxes = jnp.maximum(norm(targets["box_valid"].sum().astype(jnp.float32)), 1.0)
-    num_layers = logits.shape[0]
-    terms, total = {}, 0.0
-    for layer in range(num_layers):
-        layer_terms = _layer_terms(logits[layer], boxes[layer], matched[layer], targets, cfg, num_boxes, norm)
-        total = total + (cfg.ce_weight * layer_terms["loss_ce"] + cfg.bbox_weight * layer_terms["loss_bbox"]
-                         + cfg.giou_weight * layer_terms["loss_giou"])
-        suffix = "" if layer == num_layers - 1 else f"_{layer}"
-        terms.update({name + suffix: value for name, value in layer_terms.items()})
-    terms["class_error"] = _class_error(logits[-1], matched[-1], targets["labels"], norm)
-    return total, terms
+    return normalise(loss_sums(outputs, targets, loss_config, method=method), loss_config, axis_name=axis_name)

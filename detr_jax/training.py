@@ -157,7 +157,8 @@ class Plan:
 
 
 class PeriodicEval:
-    """COCO evaluation of the val split during training: the 12 numbers to TensorBoard and to
+    """COCO evaluation of the val split during training: the 12 numbers and the val loss terms
+    (val_loss, val_loss_ce, ..., with the run's config.loss) to TensorBoard and to
     WORKDIR/history/eval.jsonl, the results and per-class AP to WORKDIR/eval/step_NNNNNN/."""
 
     def __init__(self, config, model, workdir):
@@ -171,16 +172,18 @@ class PeriodicEval:
 
     def run(self, step: int, state: TrainState, epoch: float) -> dict:
         from detr_jax.evaluation import METRIC_NAMES, evaluate
+        from detr_jax.evaluation.evaluator import format_val_loss
 
         start = time.perf_counter()
         result = evaluate(self.model, {"params": state.params, "buffers": state.buffers}, self.config.data,
                           batch_size=self.settings.batch_size, workdir=self.workdir, step=step, source=self.source,
                           score_threshold=float(self.settings.score_threshold), topk=int(self.settings.topk),
-                          ground_truth=self.settings.ground_truth or None, log=_log)
-        self.writer.write(step, {**{k: result[k] for k in METRIC_NAMES}, "epoch": epoch,
+                          ground_truth=self.settings.ground_truth or None, loss_config=self.config.loss, log=_log)
+        val_loss = {k: v for k, v in result.items() if k.startswith("val_")}
+        self.writer.write(step, {**{k: result[k] for k in METRIC_NAMES}, **val_loss, "epoch": epoch,
                                  "eval_seconds": time.perf_counter() - start})
-        _log(f"eval at step {step}: AP {result['AP']:.4f} AP50 {result['AP50']:.4f} AP75 {result['AP75']:.4f} "
-             f"({result['num_images']} images, {time.perf_counter() - start:.1f}s)")
+        _log(f"eval at step {step}: AP {result['AP']:.4f} AP50 {result['AP50']:.4f} AP75 {result['AP75']:.4f} | "
+             f"val {format_val_loss(result)} ({result['num_images']} images, {time.perf_counter() - start:.1f}s)")
         return result
 
     def close(self) -> None:

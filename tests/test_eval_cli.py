@@ -12,10 +12,11 @@ import pytest
 from conftest import REPO, tiny_config
 from detr_jax import build_model
 from detr_jax.checkpoint import TrainCheckpoints, save_variables
-from detr_jax.config import data_config
+from detr_jax.config import data_config, loss_config
 from detr_jax.convert import to_official_state_dict
 from detr_jax.data.synthetic import Spec, generate
 from detr_jax.evaluation import eval_settings, load_for_eval
+from detr_jax.evaluation.checkpoints import Loaded, loss_config_for
 from detr_jax.evaluation.coco import METRIC_NAMES
 from test_eval_pipeline import numpy_variables
 
@@ -139,3 +140,14 @@ def test_settings_precedence():
     config.eval.iou = 0.5
     with pytest.raises(ValueError, match="config.eval has unknown fields \\['iou'\\]"):
         eval_settings(config)
+
+
+def test_loss_config_of_the_val_loss():
+    """--config's loss, else the training run's, else the official default."""
+    run = ml_collections.ConfigDict({"loss": loss_config(eos_coef=0.2)})
+    training = Loaded({}, tiny_config(), 5, "step 5", run)
+    official = Loaded({}, tiny_config(), None, "detr-r50", None)
+    assert loss_config_for(None, training).eos_coef == 0.2
+    assert loss_config_for(ml_collections.ConfigDict({"loss": loss_config(eos_coef=0.3)}), training).eos_coef == 0.3
+    assert loss_config_for(None, official).to_dict() == loss_config().to_dict()
+    assert loss_config_for(ml_collections.ConfigDict({"data": data_config()}), official).eos_coef == 0.1

@@ -1,6 +1,7 @@
 """``evaluate`` end to end: the tiny DETR on a small synthetic val split at batch sizes 1, 3 and 8
-(same 12 numbers, every image once, one compilation per shape), hosts and devices, output files,
-and an oracle model on a custom dataset with non-contiguous category ids (AP exactly known)."""
+(same 12 numbers, every image once, one compilation per shape), the val loss (that of the whole
+split in one batch), hosts and devices, output files, and an oracle model on a custom dataset with
+non-contiguous category ids (AP exactly known)."""
 import json
 import os
 import socket
@@ -16,12 +17,13 @@ import tensorflow as tf
 
 from conftest import REPO, tiny_config
 from detr_jax import build_model
-from detr_jax.config import data_config
+from detr_jax.config import data_config, loss_config
 from detr_jax.data import eval_batches, load_dataset
 from detr_jax.data.synthetic import Spec, generate
 from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_jax.evaluation import METRIC_NAMES, evaluate, inference
-from detr_jax.evaluation.evaluator import ground_truth_coco, score_predictions
+from detr_jax.evaluation.evaluator import ground_truth_coco, score_predictions, val_loss_terms
+from detr_jax.losses import compute_loss
 
 NUM_VAL = 20
 BATCH_SIZES = (1, 3, 8)
@@ -73,6 +75,11 @@ def tiny_model_and_variables():
     return model, variables
 
 
+def eval_predictor(model):
+    """The Predictor ``evaluate`` uses (default loss config)."""
+    return inference.predictor(model, 0, loss_config=loss_config())
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     cfg = synthetic_config(str(tmp_path_factory.mktemp("eval") / "shapes"))
@@ -85,13 +92,13 @@ def runs(setup, tmp_path_factory):
     """evaluate at each batch size -> {batch size: (result, traces added by it)}, and the workdir."""
     cfg, model, variables, source = setup
     workdir = tmp_path_factory.mktemp("workdir")
-    inference.predictor.cache_clear()
+    inference._predictor.cache_clear()
     out, logs = {}, []
     for batch_size in BATCH_SIZES:
-        before = inference.predictor(model, 0).traces
+        before = eval_predictor(model).traces
         result = evaluate(model, variables, cfg, batch_size=batch_size, workdir=workdir, step=batch_size,
                           source=source, log=logs.append)
-        out[batch_size] = (result, inference.predictor(model, 0).traces - before)
+        out[batch_size] = (result, eval_predictor(model).traces - before)
     return out, workdir, logs
 
 
@@ -146,7 +153,7 @@ def test_compiles_once_per_batch_shape(runs, setup):
     for batch_size in BATCH_SIZES:
         num_batches, shapes = batch_shapes(cfg, source, batch_size)
         assert out[batch_size][1] == len(shapes) == 2 and num_batches > len(shapes)
-    assert inference.predictor(model, 0)._jitted._cache_size() == 2 * len(BATCH_SIZES)
+    assert eval_predictor(model)._jitted._cache_size() == 2 * len(BATCH_SIZES)
 
 
 def test_output_files(runs):
@@ -169,6 +176,39 @@ def test_output_files(runs):
         "| maxDets=100 ] = " in summary
     printed = "\n".join(logs)
     assert f"{NUM_VAL} of {NUM_VAL} val images evaluated" in printed and result["summary"].rstrip() in printed
+    val_names = ["val_loss", "val_loss_ce", "val_loss_bbox", "val_loss_giou", "val_cardinality_error",
+                 "val_class_error"]
+    assert {k: metrics[k] for k in val_names} == {k: result[k] for k in val_names}
+    assert f"val loss: loss {result['val_loss']:.4f} ce {result['val_loss_ce']:.3f}" in printed
+
+
+def whole_split_loss(cfg, model, variables, source) -> dict:
+    """``compute_loss`` (default config) of the model's outputs on every val image, each image's
+    forward pass alone, all of them stacked into one batch -> {"val_" + term, "val_loss"}."""
+    apply = jax.jit(lambda image, mask: model.apply(variables, image, mask, train=False))
+    outputs, targets = [], []
+    for batch in eval_batches(cfg, 1, source=source):
+        outputs.append(apply(batch["image"], batch["padding_mask"]))
+        targets.append({k: batch[k] for k in ("labels", "boxes", "box_valid")})
+    stack = lambda *xs: np.concatenate(xs)
+    loss = jax.jit(lambda outputs, targets: compute_loss(outputs, targets, loss_config()))  # jit: faster than eager
+    total, terms = loss(jax.tree.map(stack, *outputs), jax.tree.map(stack, *targets))
+    return {"val_loss": float(total), **{f"val_{k}": float(v) for k, v in terms.items()}}
+
+
+def test_val_loss_is_the_loss_of_the_whole_split_in_one_batch(runs, setup):
+    """At batch sizes 1, 3 and 8 (3 and 8 with fillers) the val loss terms are those of all val
+    images in one batch: per-batch terms aggregated by their normalisers, fillers left out."""
+    out, _, _ = runs
+    cfg, model, variables, source = setup
+    expected = whole_split_loss(cfg, model, variables, source)
+    assert len(expected) == 1 + 4 * 3 + 1  # total; 4 terms x (final + 2 aux layers); class_error
+    assert expected["val_loss_bbox"] > 0.05 and 0 < expected["val_class_error"] < 100
+    for batch_size in BATCH_SIZES:
+        fillers = sum(int((~b["example_valid"]).sum()) for b in eval_batches(cfg, batch_size, source=source))
+        assert (fillers > 0) == (batch_size > 1), batch_size
+        got = {k: out[batch_size][0][k] for k in expected}
+        assert got == pytest.approx(expected, rel=2e-5, abs=1e-6), batch_size
 
 
 def test_hosts_evaluate_disjoint_shares_that_gather_to_the_same_metrics(runs, setup):
@@ -180,14 +220,16 @@ def test_hosts_evaluate_disjoint_shares_that_gather_to_the_same_metrics(runs, se
     for host in (0, 1):
         source = load_dataset(cfg, "val", process_index=host, process_count=2)
         batches = eval_batches(cfg, 3, process_index=host, process_count=2, source=source)
-        shares.append(inference.predict_batches(inference.predictor(model, 0), variables, batches,
+        shares.append(inference.predict_batches(eval_predictor(model), variables, batches,
                                                 source.records.image_id, inference.local_mesh()))
     assert shares[0]["record"].shape == shares[1]["record"].shape  # equal shapes: process_allgather works
     hosts = [set(s["record"][s["record"] >= 0].tolist()) for s in shares]
     assert not hosts[0] & hosts[1] and len(hosts[0] | hosts[1]) == NUM_VAL
-    gathered = {k: np.concatenate([s[k] for s in shares]) for k in shares[0]}
+    gathered = jax.tree.map(lambda *s: np.concatenate(s), *shares)
     scored = score_predictions(gathered, source, ground_truth_coco(source))  # every host holds all val records
     assert {k: scored[k] for k in METRIC_NAMES} == {k: out[1][0][k] for k in METRIC_NAMES}
+    val_loss = val_loss_terms(gathered["loss_sums"], loss_config())
+    assert val_loss == pytest.approx({k: out[1][0][k] for k in val_loss}, rel=2e-5, abs=1e-6)
 
 
 def evaluation_script(cfg, prelude: str = "") -> str:
@@ -197,12 +239,14 @@ def evaluation_script(cfg, prelude: str = "") -> str:
         "import json, sys, jax\n" + prelude +
         "sys.path.insert(0, 'tests')\n"
         "from test_eval_pipeline import synthetic_config, tiny_model_and_variables\n"
+        "from detr_jax.config import loss_config\n"
         "from detr_jax.evaluation import evaluate, inference\n"
         f"cfg = synthetic_config({cfg.data_dir!r})\n"
         "model, variables = tiny_model_and_variables()\n"
         "r = evaluate(model, variables, cfg, batch_size=4, log=None)\n"
-        "print(json.dumps({**{k: r[k] for k in ('AP', 'AP50', 'AR100', 'ARl', 'num_images')},\n"
-        "                  'per_class': len(r['per_class']), 'traces': inference.predictor(model, 0).traces,\n"
+        "print(json.dumps({**{k: r[k] for k in ('AP', 'AP50', 'AR100', 'ARl', 'num_images', 'val_loss')},\n"
+        "                  'per_class': len(r['per_class']),\n"
+        "                  'traces': inference.predictor(model, 0, loss_config=loss_config()).traces,\n"
         "                  'devices': [jax.process_count(), jax.local_device_count()]}))\n")
 
 
@@ -226,6 +270,8 @@ def test_two_processes_with_two_devices_each(runs, setup):
     processes = [subprocess.Popen([sys.executable, "-c", evaluation_script(setup[0], prelude), str(p)], cwd=REPO,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in (0, 1)]
     got = [last_json_line(p) for p in processes]
+    for printed in got:  # the loss summed over hosts and devices: that of one device up to rounding
+        assert printed.pop("val_loss") == pytest.approx(out[1][0]["val_loss"], rel=2e-5)
     expected = {**{k: out[1][0][k] for k in ("AP", "AP50", "AR100", "ARl", "num_images")}, "traces": 2,
                 "devices": [2, 2]}
     assert got == [{**expected, "per_class": 5}, {**expected, "per_class": 0}]  # per_class: process 0 only

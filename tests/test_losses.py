@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, reference_outputs, reference_targets
 from detr_jax.config import loss_config
-from detr_jax.losses import compute_loss
+from detr_jax.losses import compute_loss, loss_sums, normalise
 from test_matching import random_outputs_and_targets
 
 LOSS_NAMES = ["loss_ce", "loss_bbox", "loss_giou", "cardinality_error"]
@@ -131,6 +131,36 @@ def test_invariant_to_target_order_and_query_order():
         assert float(other_total) == pytest.approx(float(total), rel=1e-6)
         for name in terms:
             assert float(other_terms[name]) == pytest.approx(float(terms[name]), rel=1e-5, abs=1e-6), name
+
+
+def _rows(tree, rows):
+    return jax.tree.map(lambda x: x[rows], tree)
+
+
+@pytest.mark.parametrize("classification", ["softmax", "sigmoid_focal"])
+def test_sums_of_parts_give_the_loss_of_the_whole_and_fillers_count_nowhere(classification):
+    """loss_sums of two parts of a batch, added and normalised, == compute_loss of the batch; images
+    marked example_valid False (fillers, no boxes) change nothing."""
+    outputs, targets = random_outputs_and_targets(9, batch=5)
+    targets["box_valid"][3] = False  # an image without boxes (counts: its queries are no-object)
+    cfg = loss_config(classification=classification)
+    total, terms = compute_loss(outputs, targets, cfg)
+    parts = [loss_sums(_rows(outputs, rows), _rows(targets, rows), cfg) for rows in (slice(0, 2), slice(2, 5))]
+    added = jax.tree.map(lambda a, b: a + b, *parts)
+    for other_total, other_terms in (normalise(added, cfg), compute_loss(*with_fillers(outputs, targets), cfg)):
+        assert float(other_total) == pytest.approx(float(total), rel=1e-5)
+        assert set(other_terms) == set(terms)
+        for name in terms:
+            assert float(other_terms[name]) == pytest.approx(float(terms[name]), rel=1e-5, abs=1e-6), name
+
+
+def with_fillers(outputs, targets):
+    """The batch with two fillers inserted (outputs of other images, no boxes, example_valid False)."""
+    order = [0, 1, 4, 2, 3, 4, 0]  # rows 2 and 6 become fillers
+    fillers = np.array([True, True, False, True, True, True, False])
+    targets = {**_rows(targets, order), "example_valid": fillers}
+    targets["box_valid"] = targets["box_valid"] & fillers[:, None]
+    return _rows(outputs, order), targets
 
 
 def _pmap_check():

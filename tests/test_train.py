@@ -64,7 +64,9 @@ def test_train_checkpoint_events_preemption_and_exact_resume(tmp_path, data_dir)
     evals = read_history(straight, "eval")  # periodic COCO evaluation of the val split
     assert [e["step"] for e in evals] == [4, 8] and all(0 <= e["AP"] <= 1 for e in evals)
     assert (straight / "eval" / "step_000008" / "coco_results.json").exists()
-    assert "eval at step 8: AP" in out
+    assert "eval at step 8: AP" in out and " | val loss " in out
+    for key in ("val_loss", "val_loss_ce", "val_loss_bbox", "val_loss_giou", "val_class_error", "val_loss_ce_0"):
+        assert all(np.isfinite(e[key]) for e in evals), key
     assert "batch: 4 per device, 4 per host, 4 global" in out and "finished at step 8" in out
     assert sorted(os.listdir(straight / "checkpoints")) == ["4", "8"]
     events = list((straight / "tensorboard" / "train").glob("events.out.tfevents.*"))

@@ -262,7 +262,9 @@ def test_summary_table_best_and_final_ap(two_runs):
 
 
 def test_curves_share_axes_and_mark_val_terms(two_runs):
-    (two_runs / "a" / "history" / "eval.jsonl").write_text(json.dumps({"step": 30, "epoch": 3.0, "loss": 5.0}) + "\n")
+    # what evaluation writes: the val terms prefixed (an unprefixed name is no val term)
+    (two_runs / "a" / "history" / "eval.jsonl").write_text(
+        json.dumps({"step": 30, "epoch": 3.0, "val_loss": 5.0, "loss_giou": 1.0}) + "\n")
     runs = load_runs([two_runs / "a", two_runs / "b"], labels=["base", "new"])
     fig = curves_figure(runs, ("loss", "loss_giou", "AP"), x="epoch")
     loss_ax, giou_ax = fig.axes[:2]

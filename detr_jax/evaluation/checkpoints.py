@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ml_collections
 
-from detr_jax.config import eval_config
+from detr_jax.config import eval_config, loss_config
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".npz")
 
@@ -67,6 +67,15 @@ def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_co
     return Loaded(variables, model_config, None, path.stem, None)
 
 
+def loss_config_for(config, loaded: Loaded):
+    """config.loss of --config, else of the training run that wrote the checkpoint, else the
+    official default (``detr_jax.config.loss_config()``): the loss of the val loss terms."""
+    for candidate in (config, loaded.run_config):
+        if candidate is not None and "loss" in candidate:
+            return candidate.loss
+    return loss_config()
+
+
 def data_config_for(config, loaded: Loaded):
     """config.data of --config, else of the training run that wrote the checkpoint: the dataset and
     the eval sizes."""
@@ -83,6 +92,7 @@ def evaluate_checkpoint(config, workdir, *, checkpoint: str = "", step: int | No
     WORKDIR/eval/step_%06d (training checkpoint) or WORKDIR/eval/NAME (NAME: the converted directory's
     or official file's name). ``config``: the --config ConfigDict or None (then the training run's
     config); flags: batch_size, score_threshold, topk, ground_truth overriding ``eval_settings``.
+    The val loss terms use ``loss_config_for``.
     -> ``evaluate``'s result."""
     from detr_jax import build_model, data
     from detr_jax.evaluation.evaluator import evaluate
@@ -102,6 +112,6 @@ def evaluate_checkpoint(config, workdir, *, checkpoint: str = "", step: int | No
                       batch_size=settings.batch_size, workdir=workdir, step=loaded.step,
                       name=None if loaded.step is not None else loaded.name, source=source,
                       score_threshold=float(settings.score_threshold), topk=int(settings.topk),
-                      ground_truth=settings.ground_truth or None, log=log)
+                      ground_truth=settings.ground_truth or None, loss_config=loss_config_for(config, loaded), log=log)
     log(source.report.summary())  # after the pass: includes images that could not be read
     return result

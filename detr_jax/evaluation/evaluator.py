@@ -1,14 +1,16 @@
-"""``evaluate``: a model's COCO bbox metrics on the val split of a data config.
+"""``evaluate``: a model's COCO bbox metrics and DETR loss terms on the val split of a data config.
 
-Steps: every host runs forward + PostProcess over its ``eval_batches`` share (``inference``),
-the predictions are gathered, and process 0 turns them into COCO results (true category ids,
+Steps: every host runs forward + PostProcess + the loss sums over its ``eval_batches`` share
+(``inference``), the predictions and loss sums are gathered (the val loss is then known on every
+process, see ``val_loss_terms``), and process 0 turns them into COCO results (true category ids,
 original pixels), runs pycocotools COCOeval over the evaluated images, prints the standard summary
 and the per-class table, and writes the files below; the 12 numbers are then sent to every host.
 
 Output files (process 0, when ``workdir`` is given), in WORKDIR/eval/NAME/ with NAME ``step_%06d``
 of the given step (e.g. eval/step_000100/), else the given ``name``, else ``results``:
   coco_results.json  the detections: [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]
-  metrics.json       the 12 numbers, num_images, num_detections, per_class and the settings used
+  metrics.json       the 12 numbers, the val loss terms (val_loss, val_loss_ce, ...), num_images,
+                     num_detections, per_class and the settings used
   per_class_ap.csv   category_id, name, num_gt, AP, AP50, AP75 per category
   summary.txt        pycocotools' summary and the per-class table, as printed
 """
@@ -20,6 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from detr_jax import config as config_lib
 from detr_jax.evaluation import coco
 from detr_jax.evaluation.inference import gather_hosts, host_batch_size, local_mesh, predict_batches, predictor
 
@@ -71,12 +74,32 @@ def score_predictions(predictions: dict, source, gt, *, score_threshold: float =
             "per_class": coco.per_class_ap(evaluator), "summary": summary, "results": results}
 
 
-def write_outputs(directory: Path, scored: dict, settings: dict) -> None:
+def val_loss_terms(loss_sums: dict, loss_config) -> dict:
+    """The loss of the whole val split from its per-batch sums: {"val_loss" (weighted total),
+    "val_" + each term of ``compute_loss`` (val_loss_ce, val_loss_bbox, val_loss_giou,
+    val_cardinality_error, val_class_error, aux layers' val_loss_ce_0 ...)}: floats.
+
+    loss_sums: {term: [num_batches, 2]} (numerator, denominator) of ``losses.loss_sums`` per batch,
+    every host's batches. A batch's term is numerator / denominator, the official normalisation:
+    loss_bbox and loss_giou (and focal loss_ce) = sum over its matched boxes / its number of boxes,
+    softmax loss_ce = sum of weight x NLL / sum of the weights, cardinality_error = sum over images /
+    images, class_error = 100 x wrong / matched. The split's term is (sum of the numerators) / (sum of
+    the denominators) over all batches, i.e. each batch's term weighted by its box count, weight sum,
+    image count or matched count: exactly ``compute_loss`` on all val images in one batch, whatever
+    the batch size. Fillers count nowhere (``loss_sums`` with example_valid)."""
+    from detr_jax.losses import normalise
+
+    sums = {name: tuple(np.asarray(v, np.float64).sum(0)) for name, v in loss_sums.items()}
+    total, terms = normalise(sums, loss_config)
+    return {"val_loss": float(total), **{f"val_{name}": float(value) for name, value in terms.items()}}
+
+
+def write_outputs(directory: Path, scored: dict, val_loss: dict, settings: dict) -> None:
     """The files of the module docstring into ``directory`` (created; existing files replaced)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "coco_results.json").write_text(json.dumps(scored["results"]))
-    metrics = {**settings, **{k: scored[k] for k in (*coco.METRIC_NAMES, "num_images", "num_detections",
-                                                      "per_class")}}
+    metrics = {**settings, **{k: scored[k] for k in coco.METRIC_NAMES}, **val_loss,
+               **{k: scored[k] for k in ("num_images", "num_detections", "per_class")}}
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     coco.write_per_class_csv(directory / "per_class_ap.csv", scored["per_class"])
     (directory / "summary.txt").write_text(scored["summary"] + "\n" + coco.format_per_class(scored["per_class"]) + "\n")
@@ -104,8 +127,8 @@ def _check_options(model, batch_size: int, score_threshold: float, topk: int) ->
 
 def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, step: int | None = None,
              name: str | None = None, source=None, score_threshold: float = 0.0, topk: int = 0,
-             ground_truth: str | None = None, log=print) -> dict:
-    """COCO bbox evaluation of ``model`` with ``variables`` on the val split of ``data_config``.
+             ground_truth: str | None = None, loss_config=None, log=print) -> dict:
+    """COCO bbox evaluation and loss terms of ``model`` with ``variables`` on the val split of ``data_config``.
 
     model: ``build_model(config.model)``; variables: {"params", "buffers"} (numpy or jax arrays);
     data_config: ``config.data`` (tfds COCO, a COCO-format folder or the synthetic dataset).
@@ -117,6 +140,8 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
     score_threshold: keep detections scoring at least this (0: all, official); topk: keep each
       image's k best queries (0: all, official). ground_truth: an instances json to evaluate against
       (e.g. the official instances_val2017.json with tfds COCO); default: ``source.ground_truth()``.
+    loss_config: config.loss of the run, for the val loss terms (default: ``config.loss_config()``,
+      the official loss).
     log: where process 0 prints the summary and per-class table (None: silent).
 
     Detections whose label has no category id (unused labels, -1 in
@@ -128,7 +153,9 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
     COCOeval and writes) and several local devices (batches sharded over them).
 
     Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"
-    (floats, pycocotools' COCOeval.stats), "num_images" (evaluated images), "num_detections"
+    (floats, pycocotools' COCOeval.stats), the val loss terms of ``val_loss_terms`` ("val_loss",
+    "val_loss_ce", "val_loss_bbox", "val_loss_giou", "val_class_error", ...: floats), "num_images"
+    (evaluated images), "num_detections"
     (results entries): the same on every process; "per_class" ([{"category_id", "name", "num_gt",
     "AP", "AP50", "AP75"}]; process 0, [] elsewhere), "summary" (pycocotools' printed summary;
     process 0, "" elsewhere), "eval_dir" (str or None), "inference_seconds", "cocoeval_seconds"
@@ -140,8 +167,11 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
     source = source if source is not None else data.load_dataset(data_config, "val")
     if source.info.num_images == 0:
         raise ValueError("the val split has no images to evaluate (see the data report)")
+    loss_config = loss_config if loss_config is not None else config_lib.loss_config()
     start = time.perf_counter()
-    predictions = predict_split(model, variables, data_config, source, batch_size=batch_size, topk=topk)
+    predictions = predict_split(model, variables, data_config, source, batch_size=batch_size, topk=topk,
+                                loss_config=loss_config)
+    val_loss = val_loss_terms(predictions["loss_sums"], loss_config)  # the same on every process
     timings = {"inference_seconds": time.perf_counter() - start, "cocoeval_seconds": 0.0}
     directory = None if workdir is None else eval_dir(workdir, step=step, name=name)
     scored = None
@@ -151,31 +181,31 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
                                    score_threshold=score_threshold)
         timings["cocoeval_seconds"] = time.perf_counter() - start
         if log is not None:
-            _log_scored(log, scored, source, ground_truth)
+            _log_scored(log, scored, val_loss, source, ground_truth)
         if directory is not None:
-            write_outputs(directory, scored, {"step": step, "name": name, "batch_size": batch_size,
+            write_outputs(directory, scored, val_loss, {"step": step, "name": name, "batch_size": batch_size,
                                               "score_threshold": score_threshold, "topk": topk,
                                               "ground_truth": ground_truth or "source"})
     numbers = broadcast_numbers(np.asarray([scored[k] for k in NUMBERS] if scored else [0.0] * len(NUMBERS)))
-    return {**{k: float(v) for k, v in zip(coco.METRIC_NAMES, numbers)},
+    return {**{k: float(v) for k, v in zip(coco.METRIC_NAMES, numbers)}, **val_loss,
             "num_images": int(numbers[-2]), "num_detections": int(numbers[-1]),
             "per_class": scored["per_class"] if scored else [], "summary": scored["summary"] if scored else "",
             "eval_dir": None if directory is None else str(directory), **timings}
 
 
-def predict_split(model, variables, data_config, source, *, batch_size: int, topk: int) -> dict:
-    """Every host's predictions of the val split (``predict_batches``), gathered on every process.
-    batch_size: global (see ``evaluate``)."""
+def predict_split(model, variables, data_config, source, *, batch_size: int, topk: int, loss_config) -> dict:
+    """Every host's predictions and loss sums of the val split (``predict_batches``), gathered on
+    every process. batch_size: global (see ``evaluate``)."""
     from detr_jax import data
 
     host_batch = host_batch_size(batch_size, jax.process_count(), jax.local_device_count())
     batches = data.eval_batches(data_config, host_batch, source=source)
-    return gather_hosts(predict_batches(predictor(model, topk), variables, batches, source.records.image_id,
-                                        local_mesh()))
+    return gather_hosts(predict_batches(predictor(model, topk, loss_config=loss_config), variables, batches,
+                                        source.records.image_id, local_mesh()))
 
 
-def _log_scored(log, scored: dict, source, ground_truth) -> None:
-    """Print the evaluation: image counts, pycocotools' summary, the per-class table."""
+def _log_scored(log, scored: dict, val_loss: dict, source, ground_truth) -> None:
+    """Print the evaluation: image counts, pycocotools' summary, the per-class table, the val loss."""
     total, done = source.info.num_images, scored["num_images"]
     log(f"COCO bbox evaluation: {done} of {total} val images evaluated"
         + (f" ({total - done} unreadable, left out: see the data report)" if done < total else "")
@@ -183,3 +213,10 @@ def _log_scored(log, scored: dict, source, ground_truth) -> None:
     log(scored["summary"].rstrip("\n"))
     log("per-class AP (IoU 0.50:0.95, area all, 100 detections; -1: no ground truth):")
     log(coco.format_per_class(scored["per_class"]))
+    log(f"val loss: {format_val_loss(val_loss)}")
+
+
+def format_val_loss(val_loss: dict) -> str:
+    """The final layer's val loss terms on one line: 'loss 1.2345 ce 0.123 bbox ...'."""
+    return (f"loss {val_loss['val_loss']:.4f} ce {val_loss['val_loss_ce']:.3f} bbox {val_loss['val_loss_bbox']:.3f} "
+            f"giou {val_loss['val_loss_giou']:.3f} class_err {val_loss['val_class_error']:.1f}")

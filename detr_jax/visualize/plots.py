@@ -2,10 +2,11 @@
 
 Reads what training writes (``detr_jax.metrics.MetricsWriter``): WORKDIR/history/train.jsonl (a row
 per logged step: loss terms, class_error, lr, epoch, ...) and history/eval.jsonl (a row per
-evaluation: AP, AP50, ..., epoch). A run still going is fine: a half-written last line is ignored.
+evaluation: AP, AP50, ..., the val loss terms val_loss, val_loss_ce, ..., epoch). A run still
+going is fine: a half-written last line is ignored.
 Output directory:
-  losses.png   train loss terms per step (or epoch), one line per run; val terms, where the eval
-               history has them, dashed with markers
+  losses.png   train loss terms per step (or epoch), one line per run; val terms (the eval
+               history's VAL_PREFIX + term), where it has them, dashed with markers
   ap.png       AP, AP50, AP75, APs, APm, APl per evaluation, one line per run
   summary.md   best and final AP of each run (the table ``plot_runs`` returns)
 """
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 LOSS_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
 AP_TERMS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 X_AXES = ("step", "epoch")
+VAL_PREFIX = "val_"  # an eval row's loss term: val_loss, val_loss_ce, ... (``evaluation.val_loss_terms``)
 
 
 @dataclasses.dataclass
@@ -82,12 +84,19 @@ def series(rows, key: str, x: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray([a for a, _ in pairs], float), np.asarray([b for _, b in pairs], float)
 
 
+def run_series(run: Run, term: str, x: str) -> tuple:
+    """(train series, eval series) of ``term`` in a run: train rows' ``term``; eval rows'
+    VAL_PREFIX + term for a loss term (LOSS_TERMS), else their ``term`` (AP terms)."""
+    return series(run.train, term, x), series(run.eval, VAL_PREFIX + term if term in LOSS_TERMS else term, x)
+
+
 def curves_figure(runs, terms, x: str = "step") -> plt.Figure:
-    """A panel per term some run has; in each, a line per run: its train rows solid, its eval rows
-    dashed with markers (labelled 'train' / 'val' when a run has both). One legend for all."""
+    """A panel per term some run has; in each, a line per run: its train rows' term solid, its eval
+    rows' VAL_PREFIX + term dashed with markers (labelled 'train' / 'val' when a run has both); AP
+    terms, which only eval rows have, under their own name. One legend for all."""
     if x not in X_AXES:
         raise ValueError(f"x axis {x!r}; expected one of {', '.join(X_AXES)}")
-    present = [t for t in terms if any(len(series(rows, t, x)[0]) for run in runs for rows in (run.train, run.eval))]
+    present = [t for t in terms if any(len(s[0]) for run in runs for s in run_series(run, t, x))]
     if not present:
         raise ValueError(f"no run has any of {', '.join(terms)} per {x}")
     cols = min(3, len(present))
@@ -96,7 +105,7 @@ def curves_figure(runs, terms, x: str = "step") -> plt.Figure:
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, term in zip(axes.flat, present):
         for i, run in enumerate(runs):
-            train, val = series(run.train, term, x), series(run.eval, term, x)
+            train, val = run_series(run, term, x)
             both = len(train[0]) and len(val[0])
             if len(train[0]):
                 ax.plot(*train, "-", color=colours[i % len(colours)], label=run.name + (" (train)" if both else ""))
