@@ -92,13 +92,14 @@ class ProgramStats:
     bytes_accessed: float
     argument_bytes: int  # buffers of the compiled program, per device
     output_bytes: int
+    alias_bytes: int  # outputs written into donated arguments' buffers
     temp_bytes: int  # scratch the program allocates while it runs
 
     @property
     def peak_bytes(self) -> int:
-        """Arguments + outputs + scratch: the program's live memory on one device (an upper bound:
-        donated arguments share their buffers with outputs)."""
-        return self.argument_bytes + self.output_bytes + self.temp_bytes
+        """Arguments + outputs (less those in donated buffers) + scratch: the memory the program
+        needs on one device while it runs."""
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
 def program_stats(compiled) -> ProgramStats:
@@ -109,7 +110,7 @@ def program_stats(compiled) -> ProgramStats:
     size = lambda name: int(getattr(memory, name, 0) or 0) if memory is not None else 0
     return ProgramStats(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
                         argument_bytes=size("argument_size_in_bytes"), output_bytes=size("output_size_in_bytes"),
-                        temp_bytes=size("temp_size_in_bytes"))
+                        alias_bytes=size("alias_size_in_bytes"), temp_bytes=size("temp_size_in_bytes"))
 
 
 def peak_device_memory(device) -> int | None:

@@ -223,3 +223,19 @@ def test_epoch_builds_one_program_per_bucket_cache_and_profile(tmp_path, restore
         second = train_and_evaluate(config, tmp_path / "second")
     assert watch.cache_hits >= len(shapes)  # every train step program (and more) came from the cache
     assert params_checksum(second.params) == params_checksum(first.params)
+
+
+@pytest.mark.parametrize("script", ["bench_inference", "bench_train", "bench_compile", "bench_matcher",
+                                    "bench_eval", "bench_pipeline"])
+def test_benchmark_scripts_have_help(script, capsys, monkeypatch):
+    import importlib
+    import sys
+
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    module = importlib.import_module(script)
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
