@@ -9,30 +9,18 @@ warm pass (compiled). Prints one row per pass: wall time, its inference and COCO
 images/s, and the compilations it added.
 """
 import argparse
-import importlib.util
-import json
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # first: puts the repository on sys.path
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from detr_jax import build_model  # noqa: E402
-from detr_jax.config import loss_config  # noqa: E402
-from detr_jax.data import load_dataset  # noqa: E402
-from detr_jax.evaluation import evaluate, inference  # noqa: E402
-
-
-def load_config(path: str, variant: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+from detr_jax import build_model
+from detr_jax.config import loss_config
+from detr_jax.data import load_dataset
+from detr_jax.evaluation import evaluate, inference
 
 
 def measure(model, variables, data_config, source, batch_size: int) -> dict:
@@ -59,15 +47,16 @@ def main(argv=None):
                         help="where the synthetic dataset is generated (default: temporary)")
     parser.add_argument("--json", default=None, help="also write the rows to this json file")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.variant)
+    config = common.load_config(args.config, args.variant)
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         config.data.update(source="synthetic", data_dir=args.data_dir or os.path.join(tmp, "synthetic"),
                            synthetic_num_val=args.num_val)
         source = load_dataset(config.data, "val")
         model = build_model(config.model)
         variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
-        print(f"{os.cpu_count()} CPU cores, {jax.device_count()} {jax.devices()[0].platform} device(s); "
-              f"{source.info.num_images} val images; config {args.config}{':' + args.variant if args.variant else ''}")
+        env = common.environment()
+        print(f"{common.environment_line(env)}; {source.info.num_images} val images; "
+              f"config {args.config}{':' + args.variant if args.variant else ''}")
         print(f"{'batch':>5} {'pass':<5} {'wall s':>7} {'infer s':>8} {'cocoeval s':>10} {'img/s':>7} {'compiles':>8}")
         rows = []
         for batch_size in (int(b) for b in args.batch_sizes.split(",")):
@@ -77,7 +66,7 @@ def main(argv=None):
                 print(f"{batch_size:>5} {name:<5} {row['wall_s']:>7.2f} {row['inference_s']:>8.2f} "
                       f"{row['cocoeval_s']:>10.2f} {row['images_per_s']:>7.1f} {row['compiles']:>8}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+        common.write_json(args.json, env, rows)
 
 
 if __name__ == "__main__":

@@ -7,19 +7,14 @@ drawn around a mean (COCO averages about 7) and padded to max_boxes = 100.
   python bench/bench_matcher.py --batches 2 16 --repeats 5 --json matcher.json
 """
 import argparse
-import json
-import platform
-import statistics
-import sys
-import time
 from pathlib import Path
 
+import common  # first: puts the repository on sys.path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from detr_jax.config import loss_config  # noqa: E402
-from detr_jax.matching import match  # noqa: E402
+from detr_jax.config import loss_config
+from detr_jax.matching import match
 
 
 def problem(batch, targets_mean, num_queries=100, num_classes=91, max_boxes=100, layers=6, seed=0):
@@ -34,16 +29,6 @@ def problem(batch, targets_mean, num_queries=100, num_classes=91, max_boxes=100,
     return {**outputs[-1], "aux_outputs": outputs[:-1]}, targets, float(counts.mean())
 
 
-def time_call(fn, args, repeats):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (max(times) - min(times)) / 2
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 16, 64], help="images per step")
@@ -54,9 +39,8 @@ def main():
     args = parser.parse_args()
 
     cfg = loss_config()
-    device = jax.devices()[0]
-    print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
-          f"python {platform.python_version()}; 100 queries, 6 decoder layers, max_boxes 100")
+    env = common.environment()
+    print(common.environment_line(env) + "; 100 queries, 6 decoder layers, max_boxes 100")
     print(f"{'batch':>5} {'targets/img':>11} {'method':>7} {'ms/step (median)':>17} {'+-':>7} {'ms/image':>9}")
     rows = []
     for batch in args.batches:
@@ -64,14 +48,14 @@ def main():
             outputs, targets, actual = problem(batch, mean)
             for method in args.methods:
                 fn = jax.jit(lambda o, t, m=method: match(o, t, cfg, m))
-                median, spread = time_call(fn, (outputs, targets), args.repeats)
+                median, spread, _ = common.time_call(fn, (outputs, targets), args.repeats)
                 row = dict(batch=batch, targets_per_image=actual, method=method, ms_per_step=1e3 * median,
-                           spread_ms=1e3 * spread, device=device.device_kind, backend=jax.default_backend())
+                           spread_ms=1e3 * spread)
                 rows.append(row)
                 print(f"{batch:5d} {actual:11.1f} {method:>7} {1e3 * median:17.2f} {1e3 * spread:7.2f} "
                       f"{1e3 * median / batch:9.2f}", flush=True)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        common.write_json(args.json, env, rows)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ NORMS = ("layer_norm", "rms_norm")
 FFN_TYPES = ("mlp", "swiglu", "geglu", "glu")
 POSITION_EMBEDDINGS = ("sine", "learned")
 DTYPES = ("float32", "bfloat16")
+ATTENTIONS = ("xla", "fused")
+REMATS = ("none", "transformer", "backbone", "all")
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -33,7 +35,16 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         for a ResNet trained from scratch, as in the CPU demo).
       frozen_stages: the ResNet stem and stages 1..frozen_stages are not trained (official: 1; 0: the
         stem only; -1: nothing frozen, for a backbone trained from scratch).
-      dtype: computation dtype, one of DTYPES; parameters are always float32.
+      dtype: computation dtype, one of DTYPES; parameters (and so the optimizer state) are always
+        float32. "bfloat16" halves activation memory and uses the bfloat16 units of GPUs and TPUs;
+        softmax, norms' statistics, the heads' outputs and the loss stay float32.
+      attention: one of ATTENTIONS. "xla": the explicit softmax(q k^T) v (the reference; needed for
+        attention dropout and attention maps); "fused": ``jax.nn.dot_product_attention`` (cuDNN flash
+        attention on GPU in bfloat16, XLA's elsewhere), used where attention dropout is off (eval,
+        or dropout 0) and no intermediates are collected; otherwise the explicit path runs.
+      remat: one of REMATS: recompute the activations of each transformer layer ("transformer"),
+        each backbone residual block ("backbone") or both ("all") on the backward pass instead of
+        keeping them: the same gradients with less memory (large batches), for ~1/3 more compute.
     """
     cfg = ml_collections.ConfigDict(dict(
         num_classes=91,
@@ -54,6 +65,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         backbone_norm="frozen_bn",
         frozen_stages=1,
         dtype="float32",
+        attention="xla",
+        remat="none",
     ))
     cfg.update(overrides)
     return cfg
@@ -209,6 +222,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         update and count it); a non-finite update is never applied.
       eval_every_steps: run COCO evaluation on the val split every this many steps (0: none);
       eval_at_end: and once at the end. Its settings are config.eval (``eval_config``).
+      compilation_cache_dir: "" or a folder where compiled programs are kept and reused by later
+        runs (jax's persistent compilation cache; shared by runs of the same programs and jax).
+      profile_steps: trace this many steps, from the run's second (the first compiles), with the
+        jax profiler into WORKDIR/tensorboard (TensorBoard's profile tab; 0: none).
     """
     cfg = ml_collections.ConfigDict(dict(
         batch_size=64,
@@ -221,6 +238,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         on_nonfinite="stop",
         eval_every_steps=0,
         eval_at_end=True,
+        compilation_cache_dir="",
+        profile_steps=0,
     ))
     cfg.update(overrides)
     return cfg

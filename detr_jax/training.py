@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, convert, pretrain
+from detr_jax import checkpoint, convert, perf, pretrain
 from detr_jax.metrics import MetricsWriter, Throughput, format_duration, mean_metrics
 from detr_jax.losses import compute_loss
 from detr_jax.models import build_model, trainable_mask
@@ -47,12 +47,17 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
     labels/boxes/box_valid [b, M, ...]). metrics: every loss term, ``loss`` (weighted total),
     ``grad_norm`` (trainable gradients, before clipping), ``lr`` and ``finite`` (the update was
     applied; a non-finite loss or gradient leaves the parameters and optimizer state unchanged).
+
+    Frozen parameters (``trainable_mask``) enter the forward pass through ``stop_gradient``: their
+    gradients are zero and the backward pass through the frozen stem and stages is never computed.
     """
 
     def step(state, batch, rng):
         rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
+        trainable = trainable_mask(state.params, model_config)
 
         def loss_fn(params):
+            params = jax.tree.map(lambda p, keep: p if keep else jax.lax.stop_gradient(p), params, trainable)
             outputs = model.apply({"params": params, "buffers": state.buffers}, batch["image"],
                                   batch["padding_mask"], train=True, rngs={"dropout": rng})
             return compute_loss(outputs, batch_targets(batch), loss_config, axis_name=AXIS)
@@ -60,9 +65,7 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
         (share, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.lax.psum(grads, AXIS)
         total, terms = jax.lax.psum((share, terms), AXIS)
-        trainable = jax.tree.map(lambda g, keep: g if keep else jnp.zeros_like(g), grads,
-                                 trainable_mask(grads, model_config))
-        grad_norm = optax.global_norm(trainable)
+        grad_norm = optax.tree.norm(grads)  # frozen gradients are zero
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
@@ -107,6 +110,15 @@ def shard(batch, num_devices: int):
 def replicate(tree, num_devices: int):
     """Host pytree -> [devices, ...] copies, for pmap."""
     return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))), tree)
+
+
+def replicate_on_devices(tree, num_devices: int):
+    """Host pytree -> copies on the local devices, laid out as ``jax.pmap`` lays out its outputs: a
+    pmap'd step then sees the same input layout at its first call as at every later one and builds
+    one program, not two (host arrays at the first call would cost a second compilation). The
+    step's outputs are sharded over a mesh of the local devices whose axis is pmap's ``AXIS``."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:num_devices]), (AXIS,))
+    return jax.device_put(replicate(tree, num_devices), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
 
 
 def unreplicate(tree):
@@ -202,11 +214,16 @@ def train_and_evaluate(config, workdir) -> TrainState:
     the last ``train.keep_checkpoints`` kept), tensorboard/ and history/train.jsonl. SIGTERM saves a
     checkpoint and returns cleanly. A non-finite loss or gradient is never applied; with
     ``train.on_nonfinite = "stop"`` the run stops with an error, the last good checkpoint kept.
-    Returns the final state (unreplicated).
+    ``train.compilation_cache_dir`` keeps compiled programs across runs; ``train.profile_steps``
+    traces that many steps (after the run's first) into tensorboard/ for TensorBoard's profile tab.
+    The metric ``train_step_programs`` counts the train step's programs built so far (one per batch
+    shape, i.e. per bucket). Returns the final state (unreplicated).
     """
     from detr_jax import data
 
     workdir = Path(workdir)
+    if config.train.compilation_cache_dir:
+        perf.enable_compilation_cache(config.train.compilation_cache_dir)
     source = data.load_dataset(config.data, "train")
     if config.model.num_classes <= 0:
         config.model.num_classes = source.info.num_classes
@@ -243,14 +260,15 @@ def train_and_evaluate(config, workdir) -> TrainState:
     if restored is None and config.init.pretrain_steps > 0:
         variables = pretrain.pretrain_backbone(config, model, variables, source, workdir, log=_log)
         state = state.replace(params=variables["params"])
-    step_fn = make_train_step(model, tx, schedule, config.loss, config.model, accum)
-    p_step = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
+    step_fn = perf.TraceCounter(make_train_step(model, tx, schedule, config.loss, config.model, accum))
+    p_step = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))  # state updated in place
     local = jax.local_device_count()
-    state = replicate(state, local)
+    state = replicate_on_devices(state, local)
     batches = data.train_batches(config.data, plan.host_batch, seed=config.train.seed, start_step=start, source=source)
     metrics_writer = MetricsWriter(workdir, "train")
     throughput = Throughput(start, plan.total_steps, plan.global_batch)
     preemption = Preemption()
+    trace = perf.StepTrace(workdir / "tensorboard", start + 1, config.train.profile_steps)
 
     evaluator = PeriodicEval(config, model, workdir) if (config.train.eval_every_steps > 0 or
                                                           config.train.eval_at_end) else None
@@ -264,7 +282,9 @@ def train_and_evaluate(config, workdir) -> TrainState:
     try:
         while step < plan.total_steps:
             batch = next(batches)
+            trace.before(step)
             state, metrics = p_step(state, shard(batch, local), step_rng)
+            trace.after(step, metrics)
             step += 1
             pending.append(metrics)
             last = step == plan.total_steps
@@ -274,7 +294,8 @@ def train_and_evaluate(config, workdir) -> TrainState:
                 nonfinite = sum(1 for m in logged if not m["finite"])
                 scalars = mean_metrics([{k: v for k, v in m.items() if k != "finite"} for m in logged])
                 scalars.update(throughput.report(step), epoch=step / plan.steps_per_epoch,
-                               skipped_steps=int(unreplicate(state.skipped)))
+                               skipped_steps=int(unreplicate(state.skipped)),
+                               train_step_programs=step_fn.traces)
                 metrics_writer.write(step, scalars)
                 _log(f"step {step}/{plan.total_steps} (epoch {scalars['epoch']:.2f}) loss {scalars['loss']:.4f} "
                      f"ce {scalars['loss_ce']:.3f} bbox {scalars['loss_bbox']:.3f} giou {scalars['loss_giou']:.3f} "
@@ -297,11 +318,15 @@ def train_and_evaluate(config, workdir) -> TrainState:
                 _log(f"SIGTERM: saved the checkpoint of step {step}; exiting")
                 break
     finally:
+        trace.close()
         preemption.restore()
         metrics_writer.close()
         if evaluator:
             evaluator.close()
         checkpoints.close()
     final = unreplicate(state)
+    if config.train.profile_steps:
+        _log(f"profile trace of steps {start + 1}..{start + config.train.profile_steps} in {workdir / 'tensorboard'} "
+             "(TensorBoard's profile tab)")
     _log(f"finished at step {step}; parameter checksum {params_checksum(final.params)!r}")
     return final

@@ -73,6 +73,8 @@ class DETR(nn.Module):
     pre_norm: bool = False
     position_embedding: str = "sine"
     dtype: Any = jnp.float32
+    attention: str = "xla"  # detr_jax.config.ATTENTIONS
+    remat_transformer: bool = False
 
     @nn.compact
     def __call__(self, images, padding_mask, train: bool = False):
@@ -92,8 +94,8 @@ class DETR(nn.Module):
         hs, memory = Transformer(
             num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
             activation=self.activation, norm=self.norm, ffn_type=self.ffn_type, pre_norm=self.pre_norm,
-            dtype=self.dtype, num_encoder_layers=self.num_encoder_layers,
-            num_decoder_layers=self.num_decoder_layers, name="transformer",
+            dtype=self.dtype, attention_impl=self.attention, num_encoder_layers=self.num_encoder_layers,
+            num_decoder_layers=self.num_decoder_layers, remat=self.remat_transformer, name="transformer",
         )(flat(src), flat(pos).astype(self.dtype), flat(mask), query_embed, train)
 
         logits = class_head(self.num_classes, self.hidden_dim, self.dtype)(hs).astype(jnp.float32)
@@ -114,13 +116,13 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
     ``backbone``: with ``model_config.backbone = 'custom'``, any Flax module mapping images
     [B, H, W, 3] to features [B, h, w, C], used instead of a named ResNet (and trained whole).
     """
-    from detr_jax.config import ACTIVATIONS, DTYPES, FFN_TYPES, NORMS, POSITION_EMBEDDINGS
+    from detr_jax.config import ACTIVATIONS, ATTENTIONS, DTYPES, FFN_TYPES, NORMS, POSITION_EMBEDDINGS, REMATS
     from detr_jax.models.resnet import NORMS as BACKBONE_NORMS, ResNet
 
     cfg = model_config
     for field, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("ffn_type", FFN_TYPES),
                            ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES),
-                           ("backbone_norm", BACKBONE_NORMS)):
+                           ("backbone_norm", BACKBONE_NORMS), ("attention", ATTENTIONS), ("remat", REMATS)):
         if cfg[field] not in allowed:
             raise ValueError(f"config.model.{field} = {cfg[field]!r}; expected one of {', '.join(allowed)}")
     if cfg.hidden_dim % 2 or cfg.hidden_dim % cfg.num_heads:
@@ -134,13 +136,15 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"config.model.backbone = {cfg.backbone!r}; expected one of {', '.join(BACKBONES)} "
                              "or 'custom' (with build_model(..., backbone=module))")
-        backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, norm=cfg.backbone_norm, dtype=dtype)
+        backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, norm=cfg.backbone_norm, dtype=dtype,
+                          remat=cfg.remat in ("backbone", "all"))
     return DETR(
         backbone=backbone, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
         hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
         num_decoder_layers=cfg.num_decoder_layers, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
         activation=cfg.activation, norm=cfg.norm, ffn_type=cfg.ffn_type, pre_norm=cfg.pre_norm,
-        position_embedding=cfg.position_embedding, dtype=dtype,
+        position_embedding=cfg.position_embedding, dtype=dtype, attention=cfg.attention,
+        remat_transformer=cfg.remat in ("transformer", "all"),
     )
 
 

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from detr_jax.config import ATTENTIONS
+
 # torch nn.Linear / nn.Conv2d default weight init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
 torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 xavier_uniform = nn.initializers.xavier_uniform()
@@ -81,6 +83,15 @@ class FeedForward(nn.Module):
         return dense(d, self.ffn_dim, self.dtype, "linear2", xavier_uniform)(h)
 
 
+def fused_implementation(platform: str, dtype, head_dim: int, kv_len: int, q_len: int, train: bool) -> str:
+    """``jax.nn.dot_product_attention``'s implementation for these shapes: "cudnn" (flash attention)
+    on GPU where cuDNN supports them (bfloat16/float16, head_dim a multiple of 8 up to 128; even
+    sequence lengths when training with a mask), "xla" everywhere else."""
+    supported = (platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                 and head_dim % 8 == 0 and head_dim <= 128 and not (train and (q_len % 2 or kv_len % 2)))
+    return "cudnn" if supported else "xla"
+
+
 class MultiHeadAttention(nn.Module):
     """torch ``nn.MultiheadAttention`` semantics with separate q/k/v projections.
 
@@ -88,16 +99,25 @@ class MultiHeadAttention(nn.Module):
     -> [B, Lq, d]. Softmax in float32; dropout on the attention weights when training.
     With ``mutable=["attention"]`` the softmax weights [B, heads, Lq, Lk] (before dropout, 0 on
     padded keys) are sown as ``weights``; without it (and in ``init``) nothing is sown.
+
+    ``attention``: "xla" computes the softmax explicitly (the reference path, with attention
+    dropout); "fused" calls ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU, see
+    ``fused_implementation``) wherever the explicit path is not needed: it is kept when attention
+    dropout is active (training with dropout > 0) and when intermediates or attention weights are
+    collected.
     """
     num_heads: int
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, query, key, value, key_padding_mask, train: bool):
         d = query.shape[-1]
         if d % self.num_heads:
             raise ValueError(f"config.model.hidden_dim ({d}) must be divisible by num_heads ({self.num_heads})")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"config.model.attention = {self.attention!r}; expected one of {', '.join(ATTENTIONS)}")
         head_dim = d // self.num_heads
         zeros = nn.initializers.zeros  # torch MultiheadAttention zero-initialises its biases
 
@@ -105,14 +125,29 @@ class MultiHeadAttention(nn.Module):
             y = nn.Dense(d, dtype=self.dtype, kernel_init=kernel_init, bias_init=zeros, name=name)(x)
             return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
 
-        q = project(query, "q_proj") * head_dim ** -0.5
-        k = project(key, "k_proj")
-        v = project(value, "v_proj")
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q, k).astype(jnp.float32)
+        q, k, v = project(query, "q_proj"), project(key, "k_proj"), project(value, "v_proj")
+        attention_dropout = train and self.dropout > 0
+        collecting = self.is_mutable_collection("intermediates") or self.is_mutable_collection("attention")
+        if self.attention == "fused" and not attention_dropout and not collecting:
+            out = self.fused(q, k, v, key_padding_mask, train)
+        else:
+            out = self.explicit(q, k, v, key_padding_mask, train)
+        out = out.reshape(*query.shape[:-1], d)
+        return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, bias_init=zeros, name="out_proj")(out)
+
+    def explicit(self, q, k, v, key_padding_mask, train):
+        """The reference path: q, k, v [B, L, heads, head_dim] -> [B, Lq, heads, head_dim]."""
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
         logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if not self.is_initializing():  # init returns variables only (it makes every collection mutable)
             self.sow("attention", "weights", weights)  # [B, heads, Lq, Lk]; only with mutable=["attention"]
         weights = nn.Dropout(self.dropout, deterministic=not train)(weights)
-        out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(*query.shape[:-1], d)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, bias_init=zeros, name="out_proj")(out)
+        return jnp.einsum("bhqk,bkhc->bqhc", weights, v)
+
+    def fused(self, q, k, v, key_padding_mask, train):
+        """``jax.nn.dot_product_attention``: same shapes as ``explicit``, no attention dropout."""
+        (b, q_len, heads, head_dim), kv_len = q.shape, k.shape[1]
+        mask = jnp.broadcast_to(~key_padding_mask[:, None, None, :], (b, 1, q_len, kv_len))  # True = attend
+        implementation = fused_implementation(jax.default_backend(), self.dtype, head_dim, kv_len, q_len, train)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

@@ -4,7 +4,8 @@ Stride sits on the 3x3 conv of a bottleneck (torchvision "ResNet v1.5"); padding
 torch (Flax 'SAME' pads stride-2 convs asymmetrically). DC5 (``dilation=True``) replaces the stride
 of the last stage by dilation 2. The network returns the last stage's feature map, stride 32 (16 with
 DC5). FrozenBatchNorm statistics and affine terms live in the ``buffers`` collection and are never
-updated; which convs are trained is decided by ``detr_jax.models.detr.trainable_mask``.
+updated; which convs are trained is decided by ``detr_jax.models.detr.trainable_mask``. ``remat``
+recomputes each residual block's activations on the backward pass (``nn.remat``).
 """
 from typing import NamedTuple
 
@@ -105,10 +106,12 @@ class ResNet(nn.Module):
     dilation: bool = False
     norm: str = "frozen_bn"
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, x):
         kind, depths, width = self.spec
+        block = nn.remat(Block) if self.remat else Block
         if self.dilation and kind == "basic":
             raise ValueError("config.model.dilation (DC5) needs a bottleneck ResNet (resnet50/resnet101), "
                              "as in torchvision")
@@ -124,7 +127,7 @@ class ResNet(nn.Module):
             if self.dilation and stage == len(depths):
                 cur_dilation, stride = cur_dilation * stride, 1
             for i in range(depth):
-                x = Block(kind, stage_width,
+                x = block(kind, stage_width,
                           stride=stride if i == 0 else 1,
                           dilation=first_dilation if i == 0 else cur_dilation,
                           downsample=i == 0 and (stride != 1 or in_ch != out_ch),

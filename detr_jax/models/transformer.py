@@ -3,7 +3,8 @@
 As official (facebookresearch/detr ``models/transformer.py``): position embeddings are added to
 queries and keys of every attention (not to values), padded keys are masked, post-norm by default
 (pre-norm adds a final encoder norm), and the decoder returns every layer's output after the shared
-final decoder norm.
+final decoder norm. ``remat`` recomputes each layer's activations on the backward pass instead of
+keeping them (``nn.remat``; same values, less memory, more compute).
 """
 import flax.linen as nn
 import jax.numpy as jnp
@@ -21,9 +22,10 @@ class _Block(nn.Module):
     ffn_type: str
     pre_norm: bool
     dtype: jnp.dtype
+    attention_impl: str  # detr_jax.config.ATTENTIONS
 
     def attention(self, name):
-        return MultiHeadAttention(self.num_heads, self.dropout, self.dtype, name=name)
+        return MultiHeadAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl, name=name)
 
     def ffn(self):
         return FeedForward(self.ffn_dim, self.ffn_type, self.activation, self.dropout, self.dtype, name="ffn")
@@ -59,6 +61,7 @@ class DecoderLayer(_Block):
 class Transformer(_Block):
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
+    remat: bool = False
 
     @nn.compact
     def __call__(self, src, pos, mask, query_embed, train: bool):
@@ -68,10 +71,13 @@ class Transformer(_Block):
         """
         block = dict(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
                      activation=self.activation, norm=self.norm, ffn_type=self.ffn_type,
-                     pre_norm=self.pre_norm, dtype=self.dtype)
+                     pre_norm=self.pre_norm, dtype=self.dtype, attention_impl=self.attention_impl)
+        # `train` (the last argument; self is argument 0) is a Python bool: static under remat
+        encoder_layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
+        decoder_layer = nn.remat(DecoderLayer, static_argnums=(6,)) if self.remat else DecoderLayer
         memory = src
         for i in range(self.num_encoder_layers):
-            memory = EncoderLayer(**block, name=f"encoder_layers_{i}")(memory, pos, mask, train)
+            memory = encoder_layer(**block, name=f"encoder_layers_{i}")(memory, pos, mask, train)
         if self.pre_norm:
             memory = make_norm(self.norm, self.dtype, "encoder_norm")(memory)
 
@@ -79,6 +85,6 @@ class Transformer(_Block):
         decoder_norm = make_norm(self.norm, self.dtype, "decoder_norm")
         tgt, hs = jnp.zeros_like(query_pos), []
         for i in range(self.num_decoder_layers):
-            tgt = DecoderLayer(**block, name=f"decoder_layers_{i}")(tgt, memory, pos, query_pos, mask, train)
+            tgt = decoder_layer(**block, name=f"decoder_layers_{i}")(tgt, memory, pos, query_pos, mask, train)
             hs.append(decoder_norm(tgt))
         return jnp.stack(hs), memory
