@@ -39,7 +39,7 @@ def synthetic_config(root):
         generate(root, Spec(num_train=2, num_val=NUM_VAL, seed=0, min_size=64, max_size=128,
                             object_scale=(0.45, 0.9), max_objects=3))
     return data_config(source="synthetic", data_dir=str(root), synthetic_num_train=2, synthetic_num_val=NUM_VAL,
-                       **SMALL)
+                       synthetic_max_objects=3, synthetic_object_scale=(0.45, 0.9), **SMALL)
 
 
 def numpy_variables(model, seed: int = 0) -> dict:
