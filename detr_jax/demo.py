@@ -12,7 +12,6 @@ val split), then
 and a last summary: the final COCO AP, the wall time and where everything is. Run again with the
 same --workdir to resume an interrupted run.
 """
-import json
 import time
 from pathlib import Path
 
@@ -38,10 +37,11 @@ def demo_images(data_config, count: int) -> list[str]:
 
 
 def final_ap(workdir) -> dict:
-    """The last line of WORKDIR/history/eval.jsonl ({} if the run was never evaluated)."""
-    path = Path(workdir) / "history" / "eval.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1]) if lines else {}
+    """The last row of WORKDIR/history/eval.jsonl ({} if the run was never evaluated)."""
+    from detr_jax.visualize.plots import read_history
+
+    rows = read_history(Path(workdir) / "history" / "eval.jsonl")
+    return rows[-1] if rows else {}
 
 
 def run_demo(config, workdir, *, num_images: int, threshold: float, log=print) -> dict:
