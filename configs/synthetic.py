@@ -36,7 +36,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                               synthetic_num_train=2048, synthetic_max_objects=4, synthetic_object_scale=(0.2, 0.5), **SMALL_SIZES)
     config.optim = optim_config(lr=3e-4, lr_backbone=3e-4, weight_decay=1e-4, clip_norm=1.0, schedule="warmup_cosine",
                                 warmup_epochs=1.0)
-    config.train = train_config(batch_size=8, num_epochs=20.0, log_every_steps=100, checkpoint_every_steps=1000,
+    config.train = train_config(batch_size=8, num_epochs=16.0, log_every_steps=100, checkpoint_every_steps=1000,
                                 eval_every_steps=1000)
     config.eval = eval_config(batch_size=8)
     config.init = init_config(pretrain_steps=1000)
