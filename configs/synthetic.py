@@ -1,6 +1,6 @@
 """The CPU demo: a small DETR trained from scratch on the built-in synthetic shapes dataset.
 
-The dataset (5 shape classes, 2,048 train / 128 val images of 128..256 px, 1..4 objects of 20..50% of
+The dataset (5 shape classes, 512 train / 128 val images of 128..256 px, 1..4 objects of 20..50% of
 the short side) is generated on first use under ~/.cache/detr_jax (or --config.data.data_dir). No
 download, no pretrained weights: the backbone is first pretrained for 1,000 steps as a dense
 classifier of the training boxes (``detr_jax.pretrain``, standing in for ImageNet weights), then
@@ -33,10 +33,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 num_decoder_layers=3, ffn_dim=256, dropout=0.0)
     config.loss = loss_config()
     config.data = data_config(source="synthetic", label_mapping="contiguous", max_boxes=8, crop_prob=0.0,
-                              synthetic_num_train=2048, synthetic_max_objects=4, synthetic_object_scale=(0.2, 0.5), **SMALL_SIZES)
+                              synthetic_max_objects=4, synthetic_object_scale=(0.2, 0.5), **SMALL_SIZES)
     config.optim = optim_config(lr=3e-4, lr_backbone=3e-4, weight_decay=1e-4, clip_norm=1.0, schedule="warmup_cosine",
                                 warmup_epochs=1.0)
-    config.train = train_config(batch_size=8, num_epochs=16.0, log_every_steps=100, checkpoint_every_steps=1000,
+    config.train = train_config(batch_size=8, num_epochs=64.0, log_every_steps=100, checkpoint_every_steps=1000,
                                 eval_every_steps=1000)
     config.eval = eval_config(batch_size=8)
     config.init = init_config(pretrain_steps=1000)
