@@ -19,6 +19,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from detr_jax import cli
+from detr_jax.config import PADDINGS
 
 config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. configs/detr_coco.py:r50: config.data "
                                 "is the dataset evaluated (its val split), config.model the model of an official "
@@ -33,6 +34,9 @@ flags.DEFINE_float("score_threshold", None, "Keep detections scoring at least th
 flags.DEFINE_integer("topk", None, "Keep each image's k best queries (default 0: all, official).")
 flags.DEFINE_string("ground_truth", None, "An instances json to evaluate against (e.g. the official "
                     "instances_val2017.json with tfds COCO); default: the dataset's own annotations.")
+flags.DEFINE_enum("padding", None, list(PADDINGS), "The model's padding for the evaluation (default: "
+                  "config.eval.padding, 'exact': each image's outputs are those of the image alone, whatever the "
+                  "batch and bucket; 'official': official DETR's padded-batch computation).")
 cli.define_multihost_flags()
 
 
@@ -47,7 +51,7 @@ def main(argv):
     log = print if jax.process_index() == 0 else (lambda *args: None)
     evaluate_checkpoint(f.config, f.workdir, checkpoint=f.checkpoint, step=f.step, log=log,
                         batch_size=f.batch_size, score_threshold=f.score_threshold, topk=f.topk,
-                        ground_truth=f.ground_truth)
+                        ground_truth=f.ground_truth, padding=f.padding)
 
 
 if __name__ == "__main__":

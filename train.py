@@ -4,6 +4,8 @@ Resumes from the newest checkpoint in DIR when there is one. Multi-host: run one
 on Cloud TPU `jax.distributed.initialize()` finds its peers itself (--multihost), elsewhere give
 --coordinator_address, --num_processes and --process_id.
 """
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -19,9 +21,14 @@ flags.mark_flag_as_required("config")
 def main(argv):
     del argv
     cli.start()
+    from detr_jax.checkpoint import IncompatibleCheckpoint, UnreadableCheckpoints
     from detr_jax.training import train_and_evaluate
 
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (IncompatibleCheckpoint, UnreadableCheckpoints) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

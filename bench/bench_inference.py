@@ -1,6 +1,6 @@
 """Inference latency and throughput of DETR (forward pass, random weights) on this machine.
 
-One row per model x image size x batch x dtype x attention: compile seconds, milliseconds per batch
+One row per model x image size x batch x dtype x attention x padding: compile seconds, milliseconds per batch
 (median and spread of the timed runs after one warm-up), per image, images/s, GFLOPs per image
 from XLA's cost analysis of the compiled program (2 per multiply-add), the FLOP rate reached, and
 memory (the program's arguments + outputs + scratch from XLA's memory analysis, per device; on
@@ -10,6 +10,8 @@ GPU/TPU also the allocator's peak so far in the process, so rows are best run fr
   python bench/bench_inference.py --quick                 # CPU: R50, batch 1, 512x512 and 800x1066
   python bench/bench_inference.py --models r50 --sizes 800x1333 --batches 1 8 \\
       --dtypes bfloat16 --attention fused --json inference.json
+  python bench/bench_inference.py --models r50 --sizes 800x1066 --batches 1 --dtypes float32 \\
+      --attention xla --padding exact official   # the cost of config.model.padding = "exact"
 """
 import argparse
 import itertools
@@ -21,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from detr_jax import build_model, perf
+from detr_jax.config import PADDINGS
 
 QUICK = dict(models=["r50"], sizes=["512x512", "800x1066"], batches=[1], dtypes=["float32", "bfloat16"],
              attention=["xla"], repeats=3)
@@ -51,6 +54,9 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--attention", nargs="+", default=["xla", "fused"], choices=["xla", "fused"])
+    parser.add_argument("--padding", nargs="+", default=["exact"], choices=PADDINGS, help="config.model.padding")
+    parser.add_argument("--conv_impl", nargs="+", default=["auto"], choices=["auto", "xla", "gemm"],
+                        help="config.model.conv_impl")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs after one warm-up")
     parser.add_argument("--quick", action="store_true", help=f"a few minutes on a CPU: {QUICK}")
     parser.add_argument("--json", help="also write the rows to this json file")
@@ -61,20 +67,24 @@ def main(argv=None):
     env = common.environment()
     print(common.environment_line(env))
     table = common.Table([("model", "model", "<8"), ("size", "size", ">9"), ("batch", "batch", "5d"),
-                          ("dtype", "dtype", ">8"), ("attn", "attention", ">5"), ("compile s", "compile_s", "9.1f"),
+                          ("dtype", "dtype", ">8"), ("attn", "attention", ">5"), ("padding", "padding", ">8"),
+                          ("conv", "conv_impl", ">5"),
+                          ("compile s", "compile_s", "9.1f"),
                           ("ms/batch", "ms_per_batch", "9.1f"), ("+-", "spread_ms", "6.1f"),
                           ("ms/img", "ms_per_image", "8.1f"), ("img/s", "images_per_s", "7.2f"),
                           ("GFLOP/img", "gflops_per_image", "9.1f"), ("TFLOP/s", "tflops_per_s", "7.3f"),
                           ("prog MiB", "program_mib", "8.0f"), ("peak MiB", "device_peak_mib", "8.0f")])
     print(table.header())
     rows = []
-    for name, dtype, attention in itertools.product(args.models, args.dtypes, args.attention):
+    for name, dtype, attention, padding, conv_impl in itertools.product(args.models, args.dtypes, args.attention,
+                                                                         args.padding, args.conv_impl):
         config = common.load_config("configs/detr_coco.py", name)
-        config.model.update(dtype=dtype, attention=attention)
+        config.model.update(dtype=dtype, attention=attention, padding=padding, conv_impl=conv_impl)
         model = build_model(config.model)
         variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
         for size, batch in itertools.product(args.sizes, args.batches):
             rows.append({"model": name, "size": size, "batch": batch, "dtype": dtype, "attention": attention,
+                         "padding": padding, "conv_impl": conv_impl,
                          **measure(model, variables, batch, common.parse_size(size), args.repeats)})
             print(table.line(rows[-1]), flush=True)
     if args.json:

@@ -2,6 +2,7 @@
 
   env = environment()                    device, versions, cores, XLA_FLAGS (printed and saved)
   median, spread, times = time_call(fn, args, repeats)
+  times_a, times_b = time_alternating([fn_a, fn_b], repeats)   turns alternate: same load for both
   table = Table([("model", "model", "<8"), ("ms", "ms_per_batch", "9.1f"), ...])
   print(table.header()); print(table.line(row))   fixed-width columns; None prints "-"
   write_json(path, env, rows)            {"environment": env, "rows": rows}
@@ -51,6 +52,20 @@ def time_call(fn, args, repeats: int, warmup: int = 1):
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times), (max(times) - min(times)) / 2, times
+
+
+def time_alternating(fns, repeats: int, warmup: int = 1):
+    """Seconds of each of ``fns`` (callables without arguments, each waited for with
+    ``jax.block_until_ready``), run in turn ``repeats`` times after ``warmup`` untimed turns, so that
+    a changing load on the machine reaches them alike: a list of ``repeats`` times per function."""
+    times = [[] for _ in fns]
+    for turn in range(warmup + repeats):
+        for fn, fn_times in zip(fns, times):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            if turn >= warmup:
+                fn_times.append(time.perf_counter() - start)
+    return times
 
 
 def load_config(path: str, variant: str = ""):

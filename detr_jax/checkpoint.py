@@ -4,11 +4,17 @@ Layout of a variables directory:
   DIR/variables/          orbax StandardCheckpointer tree {"params": ..., "buffers": ...}
   DIR/model_config.json   config.model as json, so eval and training rebuild the same module
 """
+import collections
 import json
 from pathlib import Path
 
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+
+# model fields that change how the model computes, not what it is: a resume may change them
+COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "attention", "remat", "padding", "conv_impl")
 
 
 def save_variables(directory, variables, model_config) -> None:
@@ -35,47 +41,141 @@ def load_variables(directory) -> tuple[dict, ml_collections.ConfigDict]:
     return variables, model_config
 
 
+class IncompatibleCheckpoint(ValueError):
+    """The checkpoint cannot continue this config: another model, or another state tree."""
+
+
+class UnreadableCheckpoints(OSError):
+    """A run's checkpoint folder holds checkpoints, none of which can be read."""
+
+
+def flat_config(config) -> dict:
+    """{"section.field": value} of a ConfigDict (sequences as lists, so json round trips compare equal)."""
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", list(value) if isinstance(value, (tuple, list)) else value
+
+    return dict(walk(json.loads(config.to_json()), ""))
+
+
+def config_changes(saved, current) -> list[tuple[str, object, object]]:
+    """[(field, saved value, current value)] of the fields that differ (a missing one as None)."""
+    a, b = flat_config(saved), flat_config(current)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def format_changes(changes) -> str:
+    return "; ".join(f"{field} {old!r} -> {new!r}" for field, old, new in changes)
+
+
+def _is_model_change(field: str) -> bool:
+    section, _, name = field.partition(".")
+    return section == "model" and name not in COMPUTE_ONLY_MODEL_FIELDS
+
+
+def _shapes(leaves) -> collections.Counter:
+    """How many arrays of each shape (arrays, numpy scalars or orbax ArrayMetadata)."""
+    return collections.Counter(tuple(x.shape) if hasattr(x, "shape") else np.shape(x) for x in leaves)
+
+
+def tree_mismatch(saved_metadata, abstract_state) -> str:
+    """'' when the saved state (orbax tree metadata) has the arrays of ``abstract_state`` (same
+    number, same shapes), else a description naming a few saved arrays this state has no place for."""
+    saved = jax.tree_util.tree_leaves(saved_metadata.tree)
+    current = _shapes(jax.tree_util.tree_leaves(abstract_state))
+    if _shapes(saved) == current:
+        return ""
+    unplaced = sorted((x for x in saved if current[tuple(x.shape)] == 0), key=lambda x: not x.name.startswith("params"))
+    unplaced = [f"{x.name} {tuple(x.shape)}" for x in unplaced[:5]]
+    return (f"the checkpoint holds {len(saved)} arrays, this config's state {sum(current.values())}"
+            + (f"; saved arrays with no place here: {', '.join(unplaced)}" if unplaced else ""))
+
+
 class TrainCheckpoints:
     """Periodic training checkpoints in ``directory`` (orbax CheckpointManager), the last ``keep`` kept.
 
     Each step holds ``state`` (the train state as a pytree of arrays) and ``meta`` (json: config,
-    data position, ...). ``restore`` takes the newest checkpoint that reads back whole; a corrupt
-    or partial newer one is skipped with a warning naming it.
+    data position, ...). Saves are asynchronous: ``save`` returns once orbax holds the arrays (the
+    caller passes host copies) and writes them in the background; the next save, ``wait`` and
+    ``close`` wait for it. Every process calls every method (orbax decides what each one writes).
     """
 
-    def __init__(self, directory, keep: int):
+    def __init__(self, directory, keep: int | None, async_save: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state, meta: dict) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
+
+    def wait(self) -> None:
+        """Until every save started so far is on disk."""
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def restore(self, abstract_state, warn=print):
-        """(step, state, meta) of the newest readable checkpoint, or None when there is none."""
+    def restore(self, abstract_state, config, warn=print):
+        """(step, state, meta, changes) of the newest readable checkpoint, or None when there is none.
+
+        - A corrupt or partial checkpoint (meta, tree or arrays unreadable) is skipped with a warning
+          naming it; the previous one is tried. When none can be read, ``UnreadableCheckpoints``:
+          the run never starts over beside checkpoints it could not read.
+        - A checkpoint of another model (a ``model.*`` field other than ``COMPUTE_ONLY_MODEL_FIELDS``
+          differs from ``config``) or of another state tree raises ``IncompatibleCheckpoint``, naming
+          the differing fields and how to start afresh.
+        - Other changes (lr, schedule, steps, evaluation, logging, ...) are allowed: ``changes`` lists
+          them as (field, saved, current), for the caller to log.
+        """
         for step in reversed(self.steps()):
+            where = self.directory / str(step)
+            try:
+                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                saved_config = ml_collections.ConfigDict(json.loads(meta["config"]))
+                saved_tree = self.manager.item_metadata(step)["state"]
+            except Exception as error:  # noqa: BLE001 - unreadable: fall back to the previous checkpoint
+                warn(f"warning: checkpoint {where} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+                     "falling back to an earlier one")
+                continue
+            changes = config_changes(saved_config, config)
+            model_changes = [c for c in changes if _is_model_change(c[0])]
+            mismatch = tree_mismatch(saved_tree, abstract_state)
+            if model_changes or mismatch:
+                raise IncompatibleCheckpoint(
+                    f"checkpoint {where} was written by another model and cannot continue this config: "
+                    f"{format_changes(model_changes or changes) or 'no config field differs'}"
+                    + (f" ({mismatch})" if mismatch else "") + ". To continue that run, use its config "
+                    f"({self.directory.parent / 'config.json'}); to start a new run, use a new --workdir (or move "
+                    f"{self.directory} aside).")
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return step, restored["state"], restored["meta"]
-            except Exception as error:  # noqa: BLE001 - any unreadable checkpoint falls back to the previous one
-                warn(f"warning: checkpoint {self.directory / str(step)} cannot be read ({type(error).__name__}: "
-                     f"{str(error)[:200]}); falling back to an earlier one")
+            except Exception as error:  # noqa: BLE001 - the tree fits, so the arrays themselves are damaged
+                warn(f"warning: checkpoint {where} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+                     "falling back to an earlier one")
+                continue
+            return step, restored["state"], restored["meta"], changes
+        if self.steps():
+            raise UnreadableCheckpoints(
+                f"none of the checkpoints {self.steps()} in {self.directory} can be read (see the warnings above); "
+                f"move {self.directory} aside to start afresh, or use a new --workdir")
         return None
 
     def close(self) -> None:
+        """Waits for the last save, then releases orbax's resources."""
+        self.manager.wait_until_finished()
         self.manager.close()
 
 
 def latest_train_variables(workdir, step: int | None = None, warn=print):
     """(step, variables {"params", "buffers"}, the run's ConfigDict) from a training workdir's checkpoints:
     the newest readable one, or ``step``. For evaluation: the optimizer state is not read."""
-    checkpoints = TrainCheckpoints(Path(workdir) / "checkpoints", keep=None)
+    checkpoints = TrainCheckpoints(Path(workdir) / "checkpoints", keep=None, async_save=False)
     try:
         steps = [step] if step is not None else list(reversed(checkpoints.steps()))
         if not steps:

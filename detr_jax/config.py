@@ -13,6 +13,7 @@ POSITION_EMBEDDINGS = ("sine", "learned")
 DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("xla", "fused")
 REMATS = ("none", "transformer", "backbone", "all")
+PADDINGS = ("exact", "official")
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
@@ -45,6 +46,17 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       remat: one of REMATS: recompute the activations of each transformer layer ("transformer"),
         each backbone residual block ("backbone") or both ("all") on the backward pass instead of
         keeping them: the same gradients with less memory (large batches), for ~1/3 more compute.
+      padding: one of PADDINGS, how the backbone treats the padding around an image on its canvas
+        (``detr_jax.models.resnet``). "exact": every image's outputs are those of the image alone,
+        unpadded, whatever its canvas (shape bucket) and batch; needs a named ResNet backbone.
+        "official": the canvas is convolved whole, as official DETR does with padded batches, so
+        features near the image's bottom and right borders, and so every query, depend on the canvas.
+      conv_impl: how the ResNet's convolutions run, one of ``detr_jax.models.conv.CONV_IMPLS``, all
+        computing the same values: "gemm" writes the weight gradients (and 1x1 convolutions whole)
+        as matrix products, which XLA's CPU backend runs several times faster than its
+        convolution backward; "xla" is XLA's convolution throughout (cuDNN on GPU, the TPU's own);
+        "auto" (default) picks "gemm" for the bottleneck ResNets (R50, R101) on CPU and "xla"
+        elsewhere (the CPU demo's resnet_tiny trained slower with "gemm").
     """
     cfg = ml_collections.ConfigDict(dict(
         num_classes=91,
@@ -67,6 +79,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         dtype="float32",
         attention="xla",
         remat="none",
+        padding="exact",
+        conv_impl="auto",
     ))
     cfg.update(overrides)
     return cfg
@@ -276,7 +290,11 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
       topk: keep each image's k best queries (0: all num_queries, official).
       ground_truth: "" (the dataset's own annotations) or an instances json to evaluate against, e.g.
         the official annotations/instances_val2017.json with tfds COCO.
+      padding: the model's padding (PADDINGS, see ``model_config``) for evaluation, its val loss and
+        detection, whatever the model trained with: "exact" (each image's outputs are those of the
+        image alone, so neither the batch nor the bucket moves a box) or "official" (official
+        DETR's padded-batch computation; needed by a custom backbone).
     """
-    cfg = ml_collections.ConfigDict(dict(batch_size=8, score_threshold=0.0, topk=0, ground_truth=""))
+    cfg = ml_collections.ConfigDict(dict(batch_size=8, score_threshold=0.0, topk=0, ground_truth="", padding="exact"))
     cfg.update(overrides)
     return cfg

@@ -13,6 +13,8 @@ batches; see ``detr_jax.visualize.detect`` for the output files.
 from absl import app, flags
 from ml_collections import config_flags
 
+from detr_jax.config import PADDINGS
+
 config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. configs/detr_coco.py:r50: config.model "
                                 "for an official checkpoint file, config.data for the eval sizes and class names. "
                                 "Default: the training run's config (--workdir).")
@@ -30,6 +32,8 @@ flags.DEFINE_bool("decoder_attention", False, "Write each image's decoder cross-
                   "detection (NAME_decoder_attention.png).")
 flags.DEFINE_multi_string("encoder_pixel", [], "X,Y: a pixel of the original image whose encoder self-attention "
                           "is drawn (NAME_encoder_attention.png); repeat the flag for several pixels")
+flags.DEFINE_enum("padding", None, list(PADDINGS), "config.model.padding for the detection (default: "
+                  "config.eval.padding, 'exact': each image's detections are those of the image alone).")
 flags.DEFINE_list("class_names", [], "Comma-separated name of every class index (default: COCO's for a 91-class "
                   "model, else the dataset's category names).")
 
@@ -42,7 +46,7 @@ def main(argv):
     detect_checkpoint(f.config, f.images, f.output, workdir=f.workdir, checkpoint=f.checkpoint, step=f.step,
                       class_names_override=f.class_names, encoder_pixels=parse_pixels(f.encoder_pixel),
                       threshold=f.threshold, topk=f.topk, batch_size=f.batch_size, draw_boxes=f.draw,
-                      decoder_attention=f.decoder_attention)
+                      decoder_attention=f.decoder_attention, padding=f.padding)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,19 @@
-"""The training library: state, the pmap'd train step, and the loop with checkpoints and metrics.
+"""The training library: state, the pmap'd train step, and the run: setup, restore, a loop of actions.
 
-``train_and_evaluate(config, workdir)`` is what ``train.py`` calls. The step is a pure function
-``(state, batch, rng) -> (state, metrics)`` compiled with ``jax.pmap`` over the local devices;
-gradients and loss terms are summed over every device of every host (the loss returns per-device
-shares, see ``detr_jax.losses``), so a global batch gives the same update however it is split.
+``train_and_evaluate(config, workdir)`` is what ``train.py`` calls: ``setup`` (dataset, sizes, model,
+optimizer, fresh state), ``restore`` (the newest compatible checkpoint, see
+``checkpoint.TrainCheckpoints``), then ``train_loop`` over the steps with the periodic actions of
+``detr_jax.periodic`` (log, checkpoint, evaluate, profile) and an agreed preemption stop.
+
+The step is a pure function ``(state, batch, rng, stop_flag) -> (state, metrics)`` compiled with
+``jax.pmap`` over the local devices; gradients and loss terms are summed over every device of every
+host (the loss returns per-device shares, see ``detr_jax.losses``), so a global batch gives the same
+update however it is split over hosts and devices. Every host feeds every step its share of the same
+global batch (``detr_jax.data.pipeline``), so every process runs the same program at every step.
 """
 import dataclasses
+import functools
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -15,12 +21,13 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, convert, perf, pretrain
-from detr_jax.metrics import MetricsWriter, Throughput, format_duration, mean_metrics
+from detr_jax import checkpoint, convert, perf, periodic, pretrain
 from detr_jax.losses import compute_loss
+from detr_jax.metrics import MetricsWriter, Throughput
 from detr_jax.models import build_model, trainable_mask
 from detr_jax.optim import make_optimizer
 
@@ -37,22 +44,27 @@ class TrainState:
 
 
 def batch_targets(batch):
-    return {"labels": batch["labels"], "boxes": batch["boxes"], "box_valid": batch["box_valid"]}
+    """The loss targets of a batch; an image with example_valid False (unreadable) counts nowhere
+    (a batch without example_valid has only valid images)."""
+    return {k: batch[k] for k in ("labels", "boxes", "box_valid", "example_valid") if k in batch}
 
 
 def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_steps: int = 1):
-    """The pure step ``(state, batch, rng) -> (state, metrics)``, to be pmap'd with axis ``AXIS``.
+    """The pure step ``(state, batch, rng, stop_flag=0) -> (state, metrics)``, to be pmap'd with axis
+    ``AXIS`` (rng and stop_flag broadcast: ``in_axes=(0, 0, None, None)``).
 
     batch: this device's share of the global batch (image [b, H, W, 3], padding_mask [b, H, W],
-    labels/boxes/box_valid [b, M, ...]). metrics: every loss term, ``loss`` (weighted total),
-    ``grad_norm`` (trainable gradients, before clipping), ``lr`` and ``finite`` (the update was
-    applied; a non-finite loss or gradient leaves the parameters and optimizer state unchanged).
+    labels/boxes/box_valid [b, M, ...], example_valid [b]). stop_flag: int32 scalar, this host's
+    preemption request. metrics: every loss term, ``loss`` (weighted total), ``grad_norm``
+    (trainable gradients, before clipping), ``lr``, ``finite`` (the update was applied; a non-finite
+    loss or gradient leaves the parameters and optimizer state unchanged) and ``stop`` (stop_flag
+    summed over every device of every host: > 0 when any host asked to stop).
 
     Frozen parameters (``trainable_mask``) enter the forward pass through ``stop_gradient``: their
     gradients are zero and the backward pass through the frozen stem and stages is never computed.
     """
 
-    def step(state, batch, rng):
+    def step(state, batch, rng, stop_flag=0):
         rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
         trainable = trainable_mask(state.params, model_config)
 
@@ -64,7 +76,7 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
 
         (share, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.lax.psum(grads, AXIS)
-        total, terms = jax.lax.psum((share, terms), AXIS)
+        total, terms, stop = jax.lax.psum((share, terms, stop_flag), AXIS)
         grad_norm = optax.tree.norm(grads)  # frozen gradients are zero
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -73,7 +85,7 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
         new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                                   opt_state=keep(opt_state, state.opt_state),
                                   skipped=state.skipped + (~finite).astype(jnp.int32))
-        metrics = {**terms, "loss": total, "grad_norm": grad_norm, "finite": finite,
+        metrics = {**terms, "loss": total, "grad_norm": grad_norm, "finite": finite, "stop": stop,
                    "lr": schedule(state.step // grad_accum_steps)}
         return new_state, metrics
 
@@ -122,7 +134,8 @@ def replicate_on_devices(tree, num_devices: int):
 
 
 def unreplicate(tree):
-    return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+    """Replicated pmap state -> host arrays (this host's first device's copy; no cross-host work)."""
+    return periodic.first_local(tree)
 
 
 def params_checksum(params) -> float:
@@ -130,42 +143,29 @@ def params_checksum(params) -> float:
     return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(params)))
 
 
-class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 @dataclasses.dataclass
-class Plan:
-    """The run's sizes, all derived from the config and the dataset."""
+class RunSizes:
+    """The run's sizes, all derived from the config and the dataset when the run starts."""
     global_batch: int
     host_batch: int
     device_batch: int
-    steps_per_epoch: int  # micro-batches per epoch (full batches every host can make)
+    steps_per_epoch: int  # global batches (micro-batches) per epoch
     total_steps: int  # micro-batches of the whole run
 
     @staticmethod
-    def make(train, grad_accum_steps: int, source, data_config) -> "Plan":
+    def make(train, grad_accum_steps: int, source, data_config) -> "RunSizes":
         from detr_jax import data
 
         devices, local = jax.device_count(), jax.local_device_count()
         if train.batch_size % devices:
             raise ValueError(f"config.train.batch_size ({train.batch_size}) must be a multiple of the number of "
                              f"devices ({devices})")
-        host = train.batch_size // jax.process_count()
-        steps_per_epoch = data.steps_per_epoch(source.images_per_host(), host, len(data.bucket_list(data_config)))
+        host = data.train_host_batch(train.batch_size, jax.process_count())
+        steps_per_epoch = data.steps_per_epoch(source.info.num_images, train.batch_size,
+                                               len(data.bucket_list(data_config)))
         total = train.num_steps if train.num_steps > 0 else math.ceil(train.num_epochs * steps_per_epoch)
         total = math.ceil(total / grad_accum_steps) * grad_accum_steps  # whole optimizer updates
-        return Plan(train.batch_size, host, host // local, steps_per_epoch, total)
+        return RunSizes(train.batch_size, host, host // local, steps_per_epoch, total)
 
 
 class PeriodicEval:
@@ -190,7 +190,8 @@ class PeriodicEval:
         result = evaluate(self.model, {"params": state.params, "buffers": state.buffers}, self.config.data,
                           batch_size=self.settings.batch_size, workdir=self.workdir, step=step, source=self.source,
                           score_threshold=float(self.settings.score_threshold), topk=int(self.settings.topk),
-                          ground_truth=self.settings.ground_truth or None, loss_config=self.config.loss, log=_log)
+                          ground_truth=self.settings.ground_truth or None, loss_config=self.config.loss,
+                          padding=self.settings.padding, log=_log)
         val_loss = {k: v for k, v in result.items() if k.startswith("val_")}
         self.writer.write(step, {**{k: result[k] for k in METRIC_NAMES}, **val_loss, "epoch": epoch,
                                  "eval_seconds": time.perf_counter() - start})
@@ -207,18 +208,29 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
-def train_and_evaluate(config, workdir) -> TrainState:
-    """Train ``config`` in ``workdir``, resuming from its latest checkpoint when it has one.
+@dataclasses.dataclass
+class Run:
+    """What ``setup`` prepares: the config, the workdir, sizes, dataset, model, optimizer and a state
+    (fresh, or restored by ``restore``), with the step it starts from."""
+    config: ml_collections.ConfigDict
+    workdir: Path
+    sizes: RunSizes
+    source: Any
+    model: Any
+    tx: Any
+    schedule: Any
+    variables: dict
+    state: TrainState  # host arrays
+    checkpoints: checkpoint.TrainCheckpoints
+    restored: bool = False
 
-    Writes WORKDIR/config.json, checkpoints/ (every ``train.checkpoint_every_steps`` and at the end,
-    the last ``train.keep_checkpoints`` kept), tensorboard/ and history/train.jsonl. SIGTERM saves a
-    checkpoint and returns cleanly. A non-finite loss or gradient is never applied; with
-    ``train.on_nonfinite = "stop"`` the run stops with an error, the last good checkpoint kept.
-    ``train.compilation_cache_dir`` keeps compiled programs across runs; ``train.profile_steps``
-    traces that many steps (after the run's first) into tensorboard/ for TensorBoard's profile tab.
-    The metric ``train_step_programs`` counts the train step's programs built so far (one per batch
-    shape, i.e. per bucket). Returns the final state (unreplicated).
-    """
+    @property
+    def start(self) -> int:
+        return int(self.state.step)
+
+
+def setup(config, workdir) -> Run:
+    """Dataset, sizes, model, optimizer and a fresh train state (nothing written yet)."""
     from detr_jax import data
 
     workdir = Path(workdir)
@@ -232,101 +244,118 @@ def train_and_evaluate(config, workdir) -> TrainState:
         raise ValueError(f"the dataset has labels up to {source.info.num_classes - 1} but config.model.num_classes = "
                          f"{config.model.num_classes}; set --config.model.num_classes={source.info.num_classes}")
     accum = config.optim.grad_accum_steps
-    plan = Plan.make(config.train, accum, source, config.data)
+    sizes = RunSizes.make(config.train, accum, source, config.data)
     model = build_model(config.model)
-    rng = jax.random.PRNGKey(config.train.seed)
-    init_rng, step_rng = jax.random.split(rng)
+    init_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))[0]
     variables = initial_variables(config, model, init_rng)
     tx, schedule = make_optimizer(config.optim, variables["params"], config.model,
-                                  plan.steps_per_epoch / accum, plan.total_steps // accum)
+                                  sizes.steps_per_epoch / accum, sizes.total_steps // accum)
     state = TrainState(step=np.int32(0), params=variables["params"], buffers=variables.get("buffers", {}),
                        opt_state=tx.init(variables["params"]), skipped=np.int32(0))
-
     checkpoints = checkpoint.TrainCheckpoints(workdir / "checkpoints", keep=config.train.keep_checkpoints)
-    restored = checkpoints.restore(jax.tree.map(np.asarray, state), warn=_log)
+    return Run(config, workdir, sizes, source, model, tx, schedule, variables, state, checkpoints)
+
+
+def restore(run: Run) -> Run:
+    """The run continued from its newest compatible checkpoint (``TrainCheckpoints.restore``: a
+    corrupt one is skipped, another model's stops with ``IncompatibleCheckpoint``, other config
+    changes are logged), or pretrained as configured when there is none; then WORKDIR/config.json."""
+    restored = run.checkpoints.restore(jax.tree.map(np.asarray, run.state), run.config, warn=_log)
     if restored is not None:
-        step, state, _ = restored
-        _log(f"resumed from {checkpoints.directory / str(step)} (step {step})")
-    start = int(state.step)
+        step, state, meta, changes = restored
+        _log(f"resumed from {run.checkpoints.directory / str(step)} (step {step})")
+        if changes:
+            _log(f"config changed since that checkpoint: {checkpoint.format_changes(changes)}")
+        run = dataclasses.replace(run, state=state, restored=True)
+    elif run.config.init.pretrain_steps > 0:
+        variables = pretrain.pretrain_backbone(run.config, run.model, run.variables, run.source, run.workdir, log=_log)
+        run = dataclasses.replace(run, variables=variables, state=run.state.replace(params=variables["params"]))
     if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json(indent=2) + "\n")
-    _log(f"devices: {jax.device_count()} ({jax.local_device_count()} local x {jax.process_count()} processes, "
-         f"{jax.devices()[0].platform}); batch: {plan.device_batch} per device, {plan.host_batch} per host, "
-         f"{plan.global_batch} global" + (f" x {accum} accumulated" if accum > 1 else ""))
-    _log(f"dataset: {source.info.num_images} training images, {plan.steps_per_epoch} steps per epoch; "
-         f"training steps {start} -> {plan.total_steps}")
+        run.workdir.mkdir(parents=True, exist_ok=True)
+        (run.workdir / "config.json").write_text(run.config.to_json(indent=2) + "\n")
+    return run
 
-    if restored is None and config.init.pretrain_steps > 0:
-        variables = pretrain.pretrain_backbone(config, model, variables, source, workdir, log=_log)
-        state = state.replace(params=variables["params"])
-    step_fn = perf.TraceCounter(make_train_step(model, tx, schedule, config.loss, config.model, accum))
-    p_step = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,))  # state updated in place
+
+def make_actions(run: Run, programs) -> list[periodic.Action]:
+    """The periodic actions of a run's config: log, checkpoint, evaluate, profile."""
+    train, sizes = run.config.train, run.sizes
+    last_good = lambda: (str(run.checkpoints.directory / str(run.checkpoints.steps()[-1]))
+                         if run.checkpoints.steps() else None)
+    meta = lambda step: {"step": step, "data_position": step, "seed": train.seed, "config": run.config.to_json()}
+    actions = [periodic.LogMetrics(train.log_every_steps, MetricsWriter(run.workdir, "train"),
+                                   Throughput(run.start, sizes.total_steps, sizes.global_batch), sizes.steps_per_epoch,
+                                   _log, train.on_nonfinite == "stop", last_good, sizes.total_steps, programs),
+               periodic.SaveCheckpoint(train.checkpoint_every_steps, run.checkpoints, meta)]
+    if train.eval_every_steps > 0 or train.eval_at_end:
+        actions.append(periodic.Evaluate(train.eval_every_steps, train.eval_at_end,
+                                         PeriodicEval(run.config, run.model, run.workdir), sizes.steps_per_epoch))
+    if train.profile_steps:
+        actions.append(periodic.Profile(perf.StepTrace(run.workdir / "tensorboard", run.start + 1, train.profile_steps)))
+    return actions
+
+
+def train_loop(run: Run, p_step, batches, actions, preemption: periodic.Preemption, step_rng):
+    """Steps from ``run.start`` to the planned end, or to the step every host agreed to stop after.
+    -> (replicated state, the step reached, whether it stopped early)."""
     local = jax.local_device_count()
-    state = replicate_on_devices(state, local)
-    batches = data.train_batches(config.data, plan.host_batch, seed=config.train.seed, start_step=start, source=source)
-    metrics_writer = MetricsWriter(workdir, "train")
-    throughput = Throughput(start, plan.total_steps, plan.global_batch)
-    preemption = Preemption()
-    trace = perf.StepTrace(workdir / "tensorboard", start + 1, config.train.profile_steps)
+    state = replicate_on_devices(run.state, local)
+    step, previous, stopping = run.start, None, False
+    while step < run.sizes.total_steps and not stopping:
+        for action in actions:
+            action.before_step(step)
+        state, metrics = p_step(state, shard(next(batches), local), step_rng, preemption.flag())
+        step += 1
+        stopping = previous is not None and preemption.agreed(previous)
+        host_state = functools.cache(functools.partial(unreplicate, state))  # fetched once, if asked for
+        end = periodic.StepEnd(step, step == run.sizes.total_steps or stopping, stopping, metrics, host_state)
+        for action in actions:
+            action.after_step(end)
+        previous = metrics
+    return state, step, stopping
 
-    evaluator = PeriodicEval(config, model, workdir) if (config.train.eval_every_steps > 0 or
-                                                          config.train.eval_at_end) else None
 
-    def save(step):
-        meta = {"step": step, "data_position": step, "seed": config.train.seed, "config": config.to_json()}
-        checkpoints.save(step, unreplicate(state), meta)
+def train_and_evaluate(config, workdir) -> TrainState:
+    """Train ``config`` in ``workdir``, resuming from its latest checkpoint when it has one.
 
-    pending = []
-    step = start
+    Writes WORKDIR/config.json, checkpoints/ (every ``train.checkpoint_every_steps`` and at the end,
+    the last ``train.keep_checkpoints`` kept), tensorboard/ and history/train.jsonl. SIGTERM on any
+    host stops every host after the same step, which is saved; the run then returns cleanly. A
+    non-finite loss or gradient is never applied; with ``train.on_nonfinite = "stop"`` the run stops
+    with an error, the last good checkpoint kept. ``train.compilation_cache_dir`` keeps compiled
+    programs across runs; ``train.profile_steps`` traces that many steps (after the run's first)
+    into tensorboard/ for TensorBoard's profile tab. The metric ``train_step_programs`` counts the
+    train step's programs built so far (one per batch shape, i.e. per bucket). Returns the final
+    state (unreplicated).
+    """
+    from detr_jax import data
+
+    run = restore(setup(config, workdir))
+    sizes, accum = run.sizes, config.optim.grad_accum_steps
+    _log(f"devices: {jax.device_count()} ({jax.local_device_count()} local x {jax.process_count()} processes, "
+         f"{jax.devices()[0].platform}); batch: {sizes.device_batch} per device, {sizes.host_batch} per host, "
+         f"{sizes.global_batch} global" + (f" x {accum} accumulated" if accum > 1 else ""))
+    _log(f"dataset: {run.source.info.num_images} training images, {sizes.steps_per_epoch} steps per epoch; "
+         f"training steps {run.start} -> {sizes.total_steps}")
+    step_fn = perf.TraceCounter(make_train_step(run.model, run.tx, run.schedule, config.loss, config.model, accum))
+    p_step = jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None, None), donate_argnums=(0,))  # in place
+    batches = data.train_batches(config.data, sizes.global_batch, seed=config.train.seed, start_step=run.start,
+                                 source=run.source)
+    step_rng = jax.random.split(jax.random.PRNGKey(config.train.seed))[1]
+    preemption = periodic.Preemption()
+    actions = []
     try:
-        while step < plan.total_steps:
-            batch = next(batches)
-            trace.before(step)
-            state, metrics = p_step(state, shard(batch, local), step_rng)
-            trace.after(step, metrics)
-            step += 1
-            pending.append(metrics)
-            last = step == plan.total_steps
-            if step % config.train.log_every_steps == 0 or last or preemption.requested:
-                logged = [jax.tree.map(lambda x: np.asarray(x[0]), m) for m in jax.device_get(pending)]
-                pending = []
-                nonfinite = sum(1 for m in logged if not m["finite"])
-                scalars = mean_metrics([{k: v for k, v in m.items() if k != "finite"} for m in logged])
-                scalars.update(throughput.report(step), epoch=step / plan.steps_per_epoch,
-                               skipped_steps=int(unreplicate(state.skipped)),
-                               train_step_programs=step_fn.traces)
-                metrics_writer.write(step, scalars)
-                _log(f"step {step}/{plan.total_steps} (epoch {scalars['epoch']:.2f}) loss {scalars['loss']:.4f} "
-                     f"ce {scalars['loss_ce']:.3f} bbox {scalars['loss_bbox']:.3f} giou {scalars['loss_giou']:.3f} "
-                     f"class_err {scalars['class_error']:.1f} | grad {scalars['grad_norm']:.3f} lr {scalars['lr']:.2e} | "
-                     f"{scalars['steps_per_s']:.2f} steps/s {scalars['examples_per_s']:.1f} img/s | "
-                     f"ETA {format_duration(scalars['eta_s'])}")
-                if nonfinite and config.train.on_nonfinite == "stop":
-                    kept = checkpoints.steps()
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient in {nonfinite} of the last {len(logged)} steps (up to step {step}); "
-                        "stopping. Those updates were not applied; the last good checkpoint is "
-                        f"{checkpoints.directory / str(kept[-1]) if kept else '(none yet)'}. Lower the learning rate, "
-                        "check the data report, or set --config.train.on_nonfinite=skip to skip such steps.")
-            if step % config.train.checkpoint_every_steps == 0 or last or preemption.requested:
-                save(step)
-            every = config.train.eval_every_steps
-            if evaluator and ((every > 0 and step % every == 0) or (last and config.train.eval_at_end)):
-                evaluator.run(step, unreplicate(state), step / plan.steps_per_epoch)
-            if preemption.requested:
-                _log(f"SIGTERM: saved the checkpoint of step {step}; exiting")
-                break
+        actions = make_actions(run, lambda: step_fn.traces)
+        state, step, stopped = train_loop(run, p_step, batches, actions, preemption, step_rng)
     finally:
-        trace.close()
-        preemption.restore()
-        metrics_writer.close()
-        if evaluator:
-            evaluator.close()
-        checkpoints.close()
+        preemption.close()
+        for action in actions:
+            action.close()
+        run.checkpoints.close()
+    if stopped:
+        _log(f"SIGTERM: saved the checkpoint of step {step}; exiting")
     final = unreplicate(state)
     if config.train.profile_steps:
-        _log(f"profile trace of steps {start + 1}..{start + config.train.profile_steps} in {workdir / 'tensorboard'} "
-             "(TensorBoard's profile tab)")
+        _log(f"profile trace of steps {run.start + 1}..{run.start + config.train.profile_steps} in "
+             f"{run.workdir / 'tensorboard'} (TensorBoard's profile tab)")
     _log(f"finished at step {step}; parameter checksum {params_checksum(final.params)!r}")
     return final

@@ -151,22 +151,28 @@ def test_eval_shards_are_disjoint_and_complete():
 
 
 def test_train_shards_and_window_shuffle():
-    cfg, hosts = tfds_config(), 2
+    """Every host reads the whole split in windows shuffled per epoch and takes its share of each
+    global batch: the same shapes at every step, disjoint images, the batches of a single host."""
+    cfg, hosts = tfds_config(buckets=((96, 160), (160, 96))), 2
     all_ids = [ex["image/id"] for ex in EXAMPLES["train"]]
+    single = load_dataset(cfg, "train", process_index=0, process_count=1)
+    reference = take(train_batches(cfg, 4, seed=0, process_index=0, process_count=1, source=single), 5)
+    assert len({b["image"].shape for b in reference}) == 2  # both buckets, across an epoch boundary
     per_host = []
     for p in range(hosts):
         source = load_dataset(cfg, "train", process_index=p, process_count=hosts)
         order = source.train_order(0, 0)
-        assert sorted(order) == list(range(7))  # the host's slice, every image once
+        assert sorted(order) == list(range(14))  # the whole split, every image once
         assert sorted(order[:5]) == list(range(5))  # shuffled within windows of shuffle_window = 5
-        batches = train_batches(cfg, 2, seed=0, process_index=p, process_count=hosts, source=source)
-        first_epoch = take(batches, batches.num_batches)
-        for batch in first_epoch:
-            check_batch(batch, 2, cfg.max_boxes, bucket_list(cfg))
-        per_host.append([int(i) for b in first_epoch for i in b["image_id"]])
-        assert set(per_host[-1]) <= set(source.records.image_id.tolist())
-        assert list(source.records.image_id) == all_ids[7 * p:7 * p + 7]  # contiguous slices
-    assert not set(per_host[0]) & set(per_host[1])
+        assert list(source.records.image_id) == all_ids
+        batches = train_batches(cfg, 4, seed=0, process_index=p, process_count=hosts, source=source)
+        per_host.append(take(batches, 5))
+    for step, (a, b) in enumerate(zip(*per_host)):
+        check_batch(a, 2, cfg.max_boxes, bucket_list(cfg))
+        assert a["image"].shape == b["image"].shape  # one program on every host
+        assert not set(a["image_id"]) & set(b["image_id"])
+        for key in reference[step]:  # host 0 then host 1: the single host's global batch
+            np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), reference[step][key], err_msg=key)
 
 
 def test_resume_gives_the_same_batches():

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from detr_jax.config import data_config
 from detr_jax.data.buckets import assign_buckets, default_buckets, padding_fraction
-from detr_jax.data.pipeline import group_into_batches, steps_per_epoch
+from detr_jax.data.pipeline import group_into_batches, rank_in_batch, steps_per_epoch
 from detr_jax.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, NUM_DRAWS, Params, decode_rgb, eval_params,
                                       normalize_and_pad, resample_image, resized_size, train_params, transform_boxes,
                                       uniforms)
@@ -221,9 +221,15 @@ def test_group_into_batches():
     assert batch.shape == (0,) and num_full == 0
 
 
+def test_rank_in_batch():
+    # the batches of test_group_into_batches: positions within each batch in arrival order
+    assert rank_in_batch([0, 1, 0, 1, 2, 3, 4, 2]).tolist() == [0, 0, 1, 1, 0, 0, 0, 1]
+    assert rank_in_batch([]).tolist() == []
+
+
 def test_steps_per_epoch():
     assert steps_per_epoch(100, 4, 3) == 23  # ceil((100 - 3 * 3) / 4): 91 images in full batches at least
     assert steps_per_epoch(10, 4, 3) == 1  # worst split 3 + 3 + 4 still fills one batch
     assert steps_per_epoch(8, 8, 1) == 1  # one bucket: every image in it
-    with pytest.raises(ValueError, match="cannot fill one batch"):
+    with pytest.raises(ValueError, match="cannot fill one global batch"):
         steps_per_epoch(8, 4, 3)  # 3 + 3 + 2 fills none

@@ -319,6 +319,7 @@ class Oracle(nn.Module):
     labels: tuple
     num_classes: int
     num_queries: int = 2
+    padding: str = "exact"  # DETR's field, which evaluation sets; each image is read alone either way
 
     @nn.compact
     def __call__(self, images, padding_mask, train=False):

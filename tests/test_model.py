@@ -132,7 +132,7 @@ def test_custom_backbone():
 
     from detr_jax.models import count_trainable
 
-    config = tiny_config(backbone="custom")
+    config = tiny_config(backbone="custom", padding="official")
     model = build_model(config, backbone=TwoConvs())
     variables = init(model)
     out, state = model.apply(variables, *canvas([(64, 32)], (64, 64)), mutable=["intermediates"])
@@ -141,7 +141,7 @@ def test_custom_backbone():
     n = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
     assert count_trainable(variables["params"], config) == n  # a custom backbone is trained whole
     with pytest.raises(ValueError, match="custom"):
-        build_model(tiny_config(), backbone=TwoConvs())
+        build_model(tiny_config(padding="official"), backbone=TwoConvs())
     with pytest.raises(ValueError, match="custom"):
         build_model(config)
 

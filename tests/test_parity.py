@@ -19,10 +19,17 @@ def nhwc(x):
     return np.asarray(x).transpose(0, 2, 3, 1)
 
 
+def official_config():
+    """DETR-R50 with padding="official": the reference batch is a padded batch, computed the official way."""
+    config = get_config("r50").model
+    config.padding = "official"
+    return config
+
+
 @pytest.fixture(scope="module")
 def official(reference):
     _, ref, state_dict = reference
-    config = get_config("r50").model
+    config = official_config()
     variables = from_official_state_dict(state_dict, config)
     images, masks = nhwc(ref["images"]), ref["masks"]
     apply = jax.jit(lambda v, x, m: build_model(config).apply(v, x, m, mutable=["intermediates"]))
@@ -61,7 +68,7 @@ def test_intermediates_match_official(official):
 
 def test_bfloat16_compute_stays_close_to_float32(official):
     ref, variables, out, _ = official
-    config = get_config("r50").model
+    config = official_config()
     config.dtype = "bfloat16"
     out16 = jax.jit(build_model(config).apply)(variables, nhwc(ref["images"]), ref["masks"])
     assert out16["pred_logits"].dtype == np.float32  # outputs stay float32
@@ -86,7 +93,7 @@ def test_loss_gradients_through_the_model_match_official(official):
     from detr_jax.losses import compute_loss
 
     ref, variables, _, _ = official
-    config = get_config("r50").model
+    config = official_config()
     model = build_model(config)
 
     def loss(params):

@@ -226,7 +226,8 @@ def test_epoch_builds_one_program_per_bucket_cache_and_profile(tmp_path, restore
 
 
 @pytest.mark.parametrize("script", ["bench_inference", "bench_train", "bench_compile", "bench_matcher",
-                                    "bench_eval", "bench_pipeline"])
+                                    "bench_eval", "bench_pipeline", "bench_loop",
+                                    "bench_gpu"])
 def test_benchmark_scripts_have_help(script, capsys, monkeypatch):
     import importlib
     import sys
@@ -239,3 +240,25 @@ def test_benchmark_scripts_have_help(script, capsys, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         module.main()
     assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+def test_gpu_benchmark_dry_run_writes_its_tables_without_tensorflow(tmp_path, monkeypatch):
+    """bench/bench_gpu.py --dry_run (tiny model, CPU) runs every row kind and writes the markdown it
+    prints; the script imports no tensorflow (the GPU machine has none)."""
+    import importlib
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    imported = subprocess.run([sys.executable, "-c", "import sys; import bench_gpu; "
+                               "print(sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow'))"],
+                              cwd=REPO / "bench", capture_output=True, text=True, timeout=120)
+    assert imported.returncode == 0 and imported.stdout.strip() == "[]", imported.stdout + imported.stderr
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    importlib.import_module("bench_gpu").main(["--dry_run", f"--out={tmp_path / 'gpu.md'}"])
+    text = (tmp_path / "gpu.md").read_text()
+    assert "| bfloat16 | fused |" in text and "dry run" in text
+    train_line = next(line for line in text.splitlines() if line.startswith("| bfloat16 | 1 |"))
+    cells = [c.strip() for c in train_line.strip("|").split("|")]
+    assert float(cells[3]) > 0 and float(cells[4]) > 0 and cells[5].endswith("%") and cells[6].endswith("%")

@@ -15,10 +15,12 @@ dataset (``synthetic``). ``load_dataset(cfg, split)`` gives a ``Source`` (info, 
 loading twice.
 """
 from detr_jax.data.buckets import default_buckets, padding_fraction
-from detr_jax.data.pipeline import Batches, bucket_list, eval_batches, steps_per_epoch, train_batches
+from detr_jax.data.pipeline import (Batches, bucket_list, eval_batches, steps_per_epoch, train_batches,
+                                    train_host_batch)
 from detr_jax.data.records import DatasetInfo
 from detr_jax.data.report import Report
 from detr_jax.data.source import Source, check_data_config, load_dataset
 
 __all__ = ["Batches", "DatasetInfo", "Report", "Source", "bucket_list", "check_data_config", "default_buckets",
-           "eval_batches", "load_dataset", "padding_fraction", "steps_per_epoch", "train_batches"]
+           "eval_batches", "load_dataset", "padding_fraction", "steps_per_epoch", "train_batches",
+           "train_host_batch"]

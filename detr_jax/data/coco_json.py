@@ -161,16 +161,14 @@ def present_files(records: Records) -> np.ndarray:
 
 
 class JsonSource(Source):
-    """A COCO-format folder; random access: an epoch is a permutation of the split, every P-th image
-    to host p."""
+    """A COCO-format folder; random access: an epoch is a permutation of the split."""
 
     def __init__(self, annotation_file: str, **kwargs):
         super().__init__(**kwargs)
         self.annotation_file = annotation_file
 
     def train_order(self, seed, epoch):
-        perm = np.argsort(self.shuffle_keys(seed, epoch), kind="stable")
-        return perm[self.process_index::self.process_count]
+        return np.argsort(self.shuffle_keys(seed, epoch), kind="stable")
 
     def eval_order(self, process_index):
         return np.arange(len(self.records))[process_index::self.process_count]

@@ -2,9 +2,18 @@
 
 An epoch is planned before any image is read: the image order (``Source.train_order``), each
 image's transform (a stateless function of seed, epoch and image id), its output size and bucket,
-and the batch it belongs to. Batches group images of one bucket; a bucket's images fill batches in
-arrival order and batches are numbered by the arrival of their last image. tf.data then reads the
-images, decodes and augments them in parallel (order kept) and gathers each batch by its number.
+and the batch it belongs to. tf.data then reads the images, decodes and augments them in parallel
+(order kept) and gathers each batch by its number; ``Batches`` hands them out in that order.
+
+One global batch schedule. Train batches are planned for the whole job, not per host: the epoch's
+order is a function of (seed, epoch) over the whole split; global batch k groups ``batch_size``
+images of one bucket (a bucket's images fill batches in arrival order, batches numbered by the
+arrival of their last image); host p of P takes ranks [p B / P, (p + 1) B / P) of each global batch,
+in arrival order. So the content of global step k (images, their bucket, their augmentation draws)
+depends on (seed, k) and the dataset only: every host feeds the same shape to every step, and a run
+resumed on another number of hosts or devices continues the same data order. Random-access sources
+read only their own images; a sequential source (tfds) reads every record of the split (the bytes,
+not decoding the others' images), since a global batch may hold any image of the split.
 
 Batch (dict of numpy arrays, B = per-host batch size, M = max_boxes, (H, W) the batch's bucket):
   image [B, H, W, 3] float32: RGB, ImageNet-normalised, image top-left, zeros on padding.
@@ -15,16 +24,17 @@ Batch (dict of numpy arrays, B = per-host batch size, M = max_boxes, (H, W) the 
     resize: the unpadded region).
   example_valid [B] bool: False for fillers (eval: padding of a host's last batches; train and
     eval: an image that could not be read, counted in the report). A filler is all padding,
-    no boxes, image_id -1, sizes 0.
+    no boxes, image_id -1, sizes 0; training and evaluation leave it out of every loss term.
 
-Train: ``steps_per_epoch`` batches per epoch, the same on every host, all of one bucket each; the
-images of partly filled bucket batches at an epoch's end wait for the next epoch's shuffle (at most
-buckets x (B - 1) + B per host and epoch, counted as 'epoch_leftover' when the epoch is planned). Resuming at step s plans only
-s's epoch (no image is read before it): random-access sources start at once; a tfds source reads
-(without decoding) that epoch's records up to the resume point.
+Train: ``steps_per_epoch`` global batches per epoch, all of one bucket each; the images of partly
+filled bucket batches at an epoch's end wait for the next epoch's shuffle (at most
+buckets x (B - 1) + B per epoch, counted as 'epoch_leftover' when the epoch is planned). Resuming at
+step s plans only s's epoch (no image is read before it): random-access sources start at once; a
+tfds source reads (without decoding) that epoch's records up to the resume point.
 
 Eval: every image of the split exactly once over all hosts; each host gets the same number of
-batches (partial batches and missing batches filled with fillers).
+batches (partial batches and missing batches filled with fillers). Evaluation is compiled per host
+(``jax.jit`` over the local devices), so hosts may feed different shapes to the same eval batch.
 """
 import dataclasses
 import itertools
@@ -46,15 +56,23 @@ def bucket_list(data_config) -> np.ndarray:
     return check_buckets(buckets, data_config.size_divisor)
 
 
-def steps_per_epoch(images_per_host: int, batch_size: int, num_buckets: int) -> int:
-    """Full batches every host can make in any epoch: each bucket may leave up to B - 1 images over,
-    so the full batches number at least ceil((N - buckets * (B - 1)) / B)."""
-    steps = -(-(images_per_host - num_buckets * (batch_size - 1)) // batch_size)
+def steps_per_epoch(num_images: int, batch_size: int, num_buckets: int) -> int:
+    """Full global batches of batch_size any epoch of num_images makes: each bucket may leave up to
+    B - 1 images over, so the full batches number at least ceil((N - buckets * (B - 1)) / B)."""
+    steps = -(-(num_images - num_buckets * (batch_size - 1)) // batch_size)
     if steps < 1:
-        raise ValueError(f"{images_per_host} images per host cannot fill one batch of {batch_size} per epoch "
+        raise ValueError(f"{num_images} training images cannot fill one global batch of {batch_size} per epoch "
                          f"in {num_buckets} buckets (up to {batch_size - 1} images of each may be left over); "
-                         "use a smaller batch, fewer buckets (data_config.buckets) or fewer hosts")
+                         "use a smaller batch or fewer buckets (data_config.buckets)")
     return steps
+
+
+def train_host_batch(batch_size: int, process_count: int) -> int:
+    """Images per host of a global batch of batch_size (a clear error unless it divides evenly)."""
+    if batch_size % process_count:
+        raise ValueError(f"the global batch of {batch_size} images cannot be split evenly over {process_count} "
+                         "hosts; use a multiple of the number of hosts")
+    return batch_size // process_count
 
 
 def group_into_batches(bucket, batch_size: int):
@@ -79,6 +97,17 @@ def group_into_batches(bucket, batch_size: int):
     batch = np.empty(n, np.int64)
     batch[by_bucket] = batch_sorted
     return batch, int((numbers < n).sum())
+
+
+def rank_in_batch(batch) -> np.ndarray:
+    """batch [n] (batch number of each image, arrival order) -> [n] int64: the image's position among
+    its batch's images in arrival order (0 for the first to arrive)."""
+    batch = np.asarray(batch, np.int64)
+    by_batch = np.argsort(batch, kind="stable")
+    sorted_batch = batch[by_batch]
+    rank = np.empty(len(batch), np.int64)
+    rank[by_batch] = np.arange(len(batch)) - np.searchsorted(sorted_batch, sorted_batch)
+    return rank
 
 
 def _row_spec(max_boxes: int) -> dict:
@@ -111,10 +140,11 @@ def _filler_rows(keys, canvas, max_boxes: int) -> dict:
 
 
 @dataclasses.dataclass
-class Plan:
-    """One pass (a train epoch or an eval pass) of one host, in stream order.
+class PassPlan:
+    """One pass (a train epoch or an eval pass) as one host sees it, in stream order.
 
-    order [n]: rows of source.records; key [n]: batch number (-1: not read); params: transforms;
+    order [n]: rows of source.records; key [n]: this host's batch number (-1: not read by this
+    host); params: transforms;
     size [n, 2]: output sizes (fitted to the canvas); canvas [n, 2]: the bucket of each image.
     """
     order: np.ndarray
@@ -154,17 +184,24 @@ def _fit(source: Source, order, params: Params, buckets, what: str):
 
 
 def plan_train_epoch(source: Source, data_config, buckets, *, seed: int, epoch: int, batch_size: int,
-                     steps: int, start_step: int) -> Plan:
-    """The plan of one train epoch of this host; batch numbers are global steps, from start_step."""
+                     steps: int, start_step: int, process_index: int, process_count: int) -> PassPlan:
+    """One train epoch of the global schedule, as host process_index sees it.
+
+    batch_size: global. The global batches of the epoch are those of the whole split's order (see
+    the module docstring); this host's rows of global batch k have key k (a global step, from
+    start_step), the others' rows key -1.
+    """
     order = source.train_order(seed, epoch)
     draws = uniforms(seed, epoch, source.records.image_id[order], NUM_DRAWS)
     params = train_params(draws, source.records.orig_size[order], data_config)
     bucket, size = _fit(source, order, params, buckets, f"epoch {epoch}")
     batch, _ = group_into_batches(bucket, batch_size)
-    batch = np.where(batch < steps, batch, -1)
-    source.report.add("epoch_leftover", int((batch < 0).sum()), [f"epoch {epoch}: {(batch < 0).sum()} images"])
-    key = np.where(batch >= 0, epoch * steps + batch, -1)
-    return Plan(order=order, key=np.where(key >= start_step, key, -1), params=params, size=size, canvas=buckets[bucket])
+    leftover = batch >= steps
+    source.report.add("epoch_leftover", int(leftover.sum()), [f"epoch {epoch}: {leftover.sum()} images"])
+    host = rank_in_batch(batch) // train_host_batch(batch_size, process_count)
+    key = epoch * steps + batch
+    mine = ~leftover & (host == process_index) & (key >= start_step)
+    return PassPlan(order=order, key=np.where(mine, key, -1), params=params, size=size, canvas=buckets[bucket])
 
 
 def _eval_batches_of(source: Source, data_config, buckets, process_index: int, batch_size: int) -> int:
@@ -175,7 +212,7 @@ def _eval_batches_of(source: Source, data_config, buckets, process_index: int, b
 
 
 def plan_eval(source: Source, data_config, buckets, batch_size: int):
-    """-> (Plan of this host's eval images, filler rows, number of batches (equal on all hosts))."""
+    """-> (PassPlan of this host's eval images, filler rows, number of batches (equal on all hosts))."""
     num_batches = max(_eval_batches_of(source, data_config, buckets, q, batch_size)
                       for q in range(source.process_count))
     order = source.eval_order(source.process_index)
@@ -187,13 +224,22 @@ def plan_eval(source: Source, data_config, buckets, batch_size: int):
     batch_bucket[batch] = bucket
     filler_keys = np.repeat(np.arange(num_batches), batch_size - members)
     fillers = _filler_rows(filler_keys, buckets[batch_bucket[filler_keys]], data_config.max_boxes)
-    return Plan(order=order, key=batch, params=params, size=size, canvas=buckets[bucket]), fillers, num_batches
+    return PassPlan(order=order, key=batch, params=params, size=size, canvas=buckets[bucket]), fillers, num_batches
+
+
+def read_order(plan: PassPlan, sequential: bool) -> np.ndarray:
+    """Stream positions of a plan in the order the host reads them: a sequential source reads every
+    row in canonical (file) order; a random-access one only its own rows, batch by batch."""
+    if sequential:
+        return np.argsort(plan.order, kind="stable")
+    mine = np.flatnonzero(plan.key >= 0)
+    return mine[np.argsort(plan.key[mine], kind="stable")]
 
 
 def _plan_chunks(plans, source: Source, max_boxes: int, chunk: int):
-    """Rows of each plan in the order the source reads them (a sequential source: canonical)."""
+    """Rows of each plan in the order the source reads them (``read_order``), in chunks."""
     for plan in plans:
-        read = np.argsort(plan.order, kind="stable") if source.sequential else np.arange(len(plan.order))
+        read = read_order(plan, source.sequential)
         for start in range(0, len(read), chunk):
             yield plan.rows(read[start:start + chunk], source, max_boxes)
 
@@ -244,22 +290,30 @@ def _batches_dataset(source: Source, data_config, plans, *, train: bool, batch_s
 
 
 class Batches:
-    """Iterator of batch dicts (see the module docstring), with what the caller needs to know.
+    """Iterator of batch dicts (see the module docstring) in batch-number order, with what the caller
+    needs to know.
 
     info: DatasetInfo; report: what was skipped or fixed (shared with the source); buckets [K, 2];
     num_batches: batches in this iterator (eval) or per epoch (train: ``steps_per_epoch``).
+    A sequential source may complete a host's share of batch k + 1 before that of batch k: such
+    batches wait here (at most one per bucket) until their turn.
     """
 
-    def __init__(self, dataset: tf.data.Dataset, source: Source, buckets, num_batches: int):
+    def __init__(self, dataset: tf.data.Dataset, source: Source, buckets, num_batches: int, first_key: int):
         self.source, self.info, self.report = source, source.info, source.report
         self.buckets, self.num_batches = buckets, num_batches
         self._batches = dataset.as_numpy_iterator()
+        self._next_key, self._waiting = first_key, {}
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
-        batch = next(self._batches)
+        while self._next_key not in self._waiting:
+            batch = next(self._batches)
+            self._waiting[int(batch["_key"][0])] = batch
+        batch = self._waiting.pop(self._next_key)
+        self._next_key += 1
         del batch["_key"]
         index, failed, mismatch = batch.pop("_index"), batch.pop("_failed"), batch.pop("_size_mismatch")
         names = self.source.records.file_name
@@ -283,20 +337,24 @@ def train_batches(data_config, batch_size: int, *, seed: int, start_step: int = 
                   process_count=None, source: Source | None = None) -> Batches:
     """Endless train batches of this host from global step ``start_step`` on.
 
-    batch_size: per host. The batches from step s are the same (images, augmentation, order)
-    whether the iterator starts at 0 or at s. ``source``: a ``load_dataset(data_config, 'train')``
-    result to reuse (default: loaded here). ``.num_batches`` is the steps per epoch.
+    batch_size: the global batch; each host gets batch_size / process_count images of every global
+    batch (see the module docstring). The batches from step s are the same (images, augmentation,
+    order) whether the iterator starts at 0 or at s, and whatever the number of hosts.
+    ``source``: a ``load_dataset(data_config, 'train')`` result to reuse (default: loaded here).
+    ``.num_batches`` is the steps per epoch.
     """
     process_index, process_count = resolve_host(process_index, process_count)
     source = _source(data_config, "train", source, process_index, process_count)
     buckets = bucket_list(data_config)
-    steps = steps_per_epoch(source.images_per_host(), batch_size, len(buckets))
+    host_batch = train_host_batch(batch_size, process_count)
+    steps = steps_per_epoch(source.info.num_images, batch_size, len(buckets))
     plans = lambda: (plan_train_epoch(source, data_config, buckets, seed=seed, epoch=epoch, batch_size=batch_size,
-                                      steps=steps, start_step=start_step)
+                                      steps=steps, start_step=start_step, process_index=process_index,
+                                      process_count=process_count)
                      for epoch in itertools.count(start_step // steps))
     chunk = data_config.shuffle_window if source.sequential else CHUNK
-    dataset = _batches_dataset(source, data_config, plans, train=True, batch_size=batch_size, chunk=chunk)
-    return Batches(dataset, source, buckets, steps)
+    dataset = _batches_dataset(source, data_config, plans, train=True, batch_size=host_batch, chunk=chunk)
+    return Batches(dataset, source, buckets, steps, first_key=start_step)
 
 
 def eval_batches(data_config, batch_size: int, *, process_index=None, process_count=None,
@@ -310,4 +368,4 @@ def eval_batches(data_config, batch_size: int, *, process_index=None, process_co
     plan, fillers, num_batches = plan_eval(source, data_config, buckets, batch_size)
     dataset = _batches_dataset(source, data_config, lambda: [plan], train=False, batch_size=batch_size,
                                chunk=CHUNK, fillers=fillers)
-    return Batches(dataset, source, buckets, num_batches)
+    return Batches(dataset, source, buckets, num_batches, first_key=0)

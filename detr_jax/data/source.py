@@ -3,10 +3,14 @@
 ``load_dataset(data_config, split)`` returns a ``Source``; the pipeline (``pipeline.py``) asks it
 in which order the images of an epoch arrive and for their encoded bytes. Two kinds:
 
+An epoch's order is the same on every host (the global batch schedule of ``pipeline.py`` then
+gives each host its share of every batch). Two kinds:
+
 - random access (COCO-format folders, the synthetic dataset): an epoch is a permutation of the
-  whole split, then host p takes every P-th image;
-- sequential (tfds): host p reads a fixed contiguous slice of the split, shuffled per epoch
-  within consecutive windows of ``shuffle_window`` images (a tfds file cannot be read at random).
+  whole split; a host reads only its own images;
+- sequential (tfds): the split in file order, shuffled per epoch within consecutive windows of
+  ``shuffle_window`` images (a tfds file cannot be read at random); every host reads every record
+  (without decoding the images of the others).
 """
 import abc
 
@@ -60,8 +64,7 @@ def check_data_config(cfg) -> None:
 class Source(abc.ABC):
     """Base of the sources: what every kind holds and the interface the pipeline uses.
 
-    records: the images this object holds, canonical order (a random-access source holds the whole
-    split; a sequential one its host's slice for train and the whole split for val).
+    records: the images of the whole split, canonical order.
     targets: the training targets of records. info: DatasetInfo. report: what was skipped or fixed.
     data_config: the config it was loaded with.
     """
@@ -73,17 +76,13 @@ class Source(abc.ABC):
         self.targets, self.report = targets, report
         self.process_index, self.process_count = process_index, process_count
 
-    def images_per_host(self) -> int:
-        """The fewest images any host gets in an epoch (hosts differ by at most one)."""
-        return self.info.num_images // self.process_count
-
     def shuffle_keys(self, seed: int, epoch: int) -> np.ndarray:
         """[len(records)] float64: the random sort key of each image in an epoch."""
         return uniforms(seed, epoch, self.records.image_id, 1)[:, 0]
 
     @abc.abstractmethod
     def train_order(self, seed: int, epoch: int) -> np.ndarray:
-        """Rows of records this host reads in an epoch, in the order they arrive."""
+        """Rows of records in the order the images of an epoch arrive (the same on every host)."""
 
     @abc.abstractmethod
     def eval_order(self, process_index: int) -> np.ndarray:

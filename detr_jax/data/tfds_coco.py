@@ -93,25 +93,24 @@ def _merge_window(rows, images):
 
 
 class TfdsSource(Source):
-    """tfds COCO; sequential: host p reads the contiguous slice bounds[p] of the split, shuffled per
-    epoch within windows of ``shuffle_window`` consecutive images."""
+    """tfds COCO; sequential: a train epoch is the split in file order, shuffled within windows of
+    ``shuffle_window`` consecutive images, read whole by every host; host p evaluates the contiguous
+    slice bounds[p]."""
     sequential = True
 
-    def __init__(self, builder, tfds_split: str, bounds, first: int, **kwargs):
+    def __init__(self, builder, tfds_split: str, bounds, **kwargs):
         super().__init__(**kwargs)
         self.builder, self.tfds_split, self.bounds = builder, tfds_split, bounds
-        self.first = first  # split index of records row 0
 
     def train_order(self, seed, epoch):
         window = np.arange(len(self.records)) // self.data_config.shuffle_window
         return np.lexsort((self.shuffle_keys(seed, epoch), window))
 
     def eval_order(self, process_index):
-        lo, hi = self.bounds[process_index]
-        return np.arange(lo, hi) - self.first
+        return np.arange(*self.bounds[process_index])
 
     def attach_images(self, rows, train, chunk):
-        lo, hi = self.bounds[self.process_index]
+        lo, hi = (0, len(self.records)) if train else self.bounds[self.process_index]
         images = _records_dataset(self.builder, self.tfds_split, lo, hi).map(
             lambda ex: {"image": ex["image"], "image/id": ex["image/id"]}).batch(chunk)
         if train:
@@ -120,7 +119,7 @@ class TfdsSource(Source):
 
 
 def load(data_config, split: str, process_index: int, process_count: int) -> TfdsSource:
-    """The TfdsSource of a split: host slice (train) or whole split (val) read into records."""
+    """The TfdsSource of a split, every record read (without decoding) into records."""
     builder = tfds.builder(data_config.tfds_name, data_dir=data_config.tfds_data_dir or None)
     tfds_split = data_config.tfds_train_split if split == "train" else data_config.tfds_val_split
     if tfds_split not in builder.info.splits:
@@ -130,11 +129,10 @@ def load(data_config, split: str, process_index: int, process_count: int) -> Tfd
     check_labels(builder)
     n = builder.info.splits[tfds_split].num_examples
     bounds = [(q * n // process_count, (q + 1) * n // process_count) for q in range(process_count)]
-    lo, hi = bounds[process_index] if split == "train" else (0, n)
     report = Report(f"{split} split of tfds {data_config.tfds_name}")
-    records = read_records(builder, tfds_split, lo, hi)
+    records = read_records(builder, tfds_split, 0, n)
     info = make_info(COCO_CATEGORIES, data_config.label_mapping, n)
     targets = clean_targets(records, info, data_config.max_boxes, data_config.max_boxes_policy, report)
-    return TfdsSource(builder, tfds_split, bounds, lo, data_config=data_config, split=split, info=info,
+    return TfdsSource(builder, tfds_split, bounds, data_config=data_config, split=split, info=info,
                       records=records, targets=targets, report=report, process_index=process_index,
                       process_count=process_count)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ml_collections
 
-from detr_jax.config import eval_config, loss_config
+from detr_jax.config import eval_config, loss_config, model_config as default_model_config
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".npz")
 
@@ -42,6 +42,12 @@ class Loaded:
     run_config: ml_collections.ConfigDict | None  # the training run's config, for a training checkpoint
 
 
+def with_defaults(saved_model_config) -> ml_collections.ConfigDict:
+    """A saved config.model with the fields added since it was written set to their defaults (e.g.
+    ``padding``: "exact")."""
+    return default_model_config(**saved_model_config.to_dict())
+
+
 def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_config=None, warn=print) -> Loaded:
     """The variables ``checkpoint`` names (see the module docstring). ``model_config``: config.model,
     needed for an official file (the file has no model config); ``step``: training checkpoints only."""
@@ -50,13 +56,14 @@ def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_co
 
     if not checkpoint:
         found_step, variables, run_config = ckpt.latest_train_variables(workdir, step, warn=warn)
-        return Loaded(variables, run_config.model, found_step, f"step {found_step} of {workdir}", run_config)
+        return Loaded(variables, with_defaults(run_config.model), found_step, f"step {found_step} of {workdir}",
+                      run_config)
     path = Path(checkpoint)
     if step is not None:
         raise ValueError(f"--step selects a training checkpoint of the workdir; it cannot go with --checkpoint={path}")
     if path.is_dir():
         variables, saved_config = ckpt.load_variables(path)
-        return Loaded(variables, saved_config, None, path.name, None)
+        return Loaded(variables, with_defaults(saved_config), None, path.name, None)
     if path.suffix not in OFFICIAL_SUFFIXES:
         raise FileNotFoundError(f"{path}: expected a variables directory (python -m detr_jax.convert) or an official "
                                 f"DETR checkpoint file ({', '.join(OFFICIAL_SUFFIXES)})")
@@ -91,7 +98,7 @@ def evaluate_checkpoint(config, workdir, *, checkpoint: str = "", step: int | No
     """Evaluate a checkpoint (see ``load_for_eval``) on config.data's val split; results in
     WORKDIR/eval/step_%06d (training checkpoint) or WORKDIR/eval/NAME (NAME: the converted directory's
     or official file's name). ``config``: the --config ConfigDict or None (then the training run's
-    config); flags: batch_size, score_threshold, topk, ground_truth overriding ``eval_settings``.
+    config); flags: batch_size, score_threshold, topk, ground_truth, padding overriding ``eval_settings``.
     The val loss terms use ``loss_config_for``.
     -> ``evaluate``'s result."""
     from detr_jax import build_model, data
@@ -112,6 +119,7 @@ def evaluate_checkpoint(config, workdir, *, checkpoint: str = "", step: int | No
                       batch_size=settings.batch_size, workdir=workdir, step=loaded.step,
                       name=None if loaded.step is not None else loaded.name, source=source,
                       score_threshold=float(settings.score_threshold), topk=int(settings.topk),
-                      ground_truth=settings.ground_truth or None, loss_config=loss_config_for(config, loaded), log=log)
+                      ground_truth=settings.ground_truth or None, loss_config=loss_config_for(config, loaded),
+                      padding=settings.padding, log=log)
     log(source.report.summary())  # after the pass: includes images that could not be read
     return result

@@ -127,7 +127,7 @@ def _check_options(model, batch_size: int, score_threshold: float, topk: int) ->
 
 def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, step: int | None = None,
              name: str | None = None, source=None, score_threshold: float = 0.0, topk: int = 0,
-             ground_truth: str | None = None, loss_config=None, log=print) -> dict:
+             ground_truth: str | None = None, loss_config=None, padding: str = "exact", log=print) -> dict:
     """COCO bbox evaluation and loss terms of ``model`` with ``variables`` on the val split of ``data_config``.
 
     model: ``build_model(config.model)``; variables: {"params", "buffers"} (numpy or jax arrays);
@@ -142,6 +142,8 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
       (e.g. the official instances_val2017.json with tfds COCO); default: ``source.ground_truth()``.
     loss_config: config.loss of the run, for the val loss terms (default: ``config.loss_config()``,
       the official loss).
+    padding: config.model.padding of the evaluation, whatever the model was trained with
+      (config.eval.padding; "exact": each image as if alone, so no bucket or batch moves a box).
     log: where process 0 prints the summary and per-class table (None: silent).
 
     Detections whose label has no category id (unused labels, -1 in
@@ -170,7 +172,7 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
     loss_config = loss_config if loss_config is not None else config_lib.loss_config()
     start = time.perf_counter()
     predictions = predict_split(model, variables, data_config, source, batch_size=batch_size, topk=topk,
-                                loss_config=loss_config)
+                                loss_config=loss_config, padding=padding)
     val_loss = val_loss_terms(predictions["loss_sums"], loss_config)  # the same on every process
     timings = {"inference_seconds": time.perf_counter() - start, "cocoeval_seconds": 0.0}
     directory = None if workdir is None else eval_dir(workdir, step=step, name=name)
@@ -193,15 +195,16 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
             "eval_dir": None if directory is None else str(directory), **timings}
 
 
-def predict_split(model, variables, data_config, source, *, batch_size: int, topk: int, loss_config) -> dict:
+def predict_split(model, variables, data_config, source, *, batch_size: int, topk: int, loss_config,
+                  padding: str) -> dict:
     """Every host's predictions and loss sums of the val split (``predict_batches``), gathered on
     every process. batch_size: global (see ``evaluate``)."""
     from detr_jax import data
 
     host_batch = host_batch_size(batch_size, jax.process_count(), jax.local_device_count())
     batches = data.eval_batches(data_config, host_batch, source=source)
-    return gather_hosts(predict_batches(predictor(model, topk, loss_config=loss_config), variables, batches,
-                                        source.records.image_id, local_mesh()))
+    predict = predictor(model, topk, loss_config=loss_config, padding=padding)
+    return gather_hosts(predict_batches(predict, variables, batches, source.records.image_id, local_mesh()))
 
 
 def _log_scored(log, scored: dict, val_loss: dict, source, ground_truth) -> None:

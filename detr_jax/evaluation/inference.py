@@ -72,12 +72,14 @@ class Predictor:
         return self._jitted(variables, image, padding_mask, orig_size, targets)
 
 
-def predictor(model, topk: int = 0, attention: bool = False, loss_config=None) -> Predictor:
+def predictor(model, topk: int = 0, attention: bool = False, loss_config=None, padding: str = "exact") -> Predictor:
     """The Predictor of a model (Flax modules hash by their fields) and settings, shared by every
     evaluation with them, so that periodic evaluation during training compiles once per shape for
-    the whole run. loss_config: config.loss (a ConfigDict) to compute the loss terms too, or None."""
+    the whole run. loss_config: config.loss (a ConfigDict) to compute the loss terms too, or None.
+    padding: config.model.padding for inference, whatever the model was trained with ("exact": each
+    image's outputs are those of the image alone, whatever its bucket and batch; config.eval.padding)."""
     frozen = None if loss_config is None else ml_collections.FrozenConfigDict(loss_config)
-    return _predictor(model, topk, attention, frozen)
+    return _predictor(model.clone(padding=padding), topk, attention, frozen)
 
 
 @functools.lru_cache(maxsize=8)

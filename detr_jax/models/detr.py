@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from detr_jax.models.layers import dense
 from detr_jax.models.position import LearnedPositionEmbedding, SinePositionEmbedding, downsample_mask
-from detr_jax.models.resnet import BACKBONES
+from detr_jax.models.resnet import BACKBONES, ResNet, valid_region
 from detr_jax.models.transformer import Transformer
 
 
@@ -57,7 +57,29 @@ def check_inputs(images, padding_mask) -> None:
         raise ValueError(f"padding_mask must be bool (True = padding); got dtype {padding_mask.dtype}")
 
 
+def check_padding(padding: str, backbone: nn.Module) -> None:
+    """Clear errors for a padding mode the model cannot compute (``DETR.padding``)."""
+    from detr_jax.config import PADDINGS
+
+    if padding not in PADDINGS:
+        raise ValueError(f"config.model.padding = {padding!r}; expected one of {', '.join(PADDINGS)}")
+    if padding == "exact" and not isinstance(backbone, ResNet):
+        raise ValueError("padding = 'exact' needs a named ResNet backbone (it tracks the valid size at every layer); "
+                         "with a custom backbone set config.model.padding and config.eval.padding to 'official'")
+
+
+def image_valid_hw(padding_mask):
+    """padding_mask [B, H, W] bool (True = padding, the image at the top left) -> [B, 2] int32, the
+    (h, w) of each image: its rows and columns with at least one unpadded pixel."""
+    not_padding = ~padding_mask
+    return jnp.stack([not_padding.any(2).sum(1), not_padding.any(1).sum(1)], axis=1).astype(jnp.int32)
+
+
 class DETR(nn.Module):
+    """``padding``: "exact" (each image's outputs are those of the image alone, unpadded, whatever its
+    canvas and batch; the backbone must be a ResNet) or "official" (the canvas is convolved whole and
+    the feature mask is the nearest-neighbour resize of padding_mask, as official DETR computes
+    padded batches); see ``detr_jax.models.resnet``."""
     backbone: nn.Module
     num_classes: int = 91
     num_queries: int = 100
@@ -75,12 +97,19 @@ class DETR(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "xla"  # detr_jax.config.ATTENTIONS
     remat_transformer: bool = False
+    padding: str = "exact"  # detr_jax.config.PADDINGS
 
     @nn.compact
     def __call__(self, images, padding_mask, train: bool = False):
         check_inputs(images, padding_mask)
-        features = self.backbone(images.astype(self.dtype))
-        mask = downsample_mask(padding_mask, features.shape[1:3])
+        check_padding(self.padding, self.backbone)
+        if self.padding == "exact":
+            valid_hw = image_valid_hw(padding_mask)
+            features = self.backbone(images.astype(self.dtype), valid_hw)
+            mask = ~valid_region(self.backbone.output_valid_hw(valid_hw), features.shape[1:3])
+        else:
+            features = self.backbone(images.astype(self.dtype))
+            mask = downsample_mask(padding_mask, features.shape[1:3])
         half = self.hidden_dim // 2
         if self.position_embedding == "sine":
             pos = SinePositionEmbedding(half, name="position_embedding")(mask)
@@ -117,6 +146,7 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
     [B, H, W, 3] to features [B, h, w, C], used instead of a named ResNet (and trained whole).
     """
     from detr_jax.config import ACTIVATIONS, ATTENTIONS, DTYPES, FFN_TYPES, NORMS, POSITION_EMBEDDINGS, REMATS
+    from detr_jax.models.conv import resolve_conv_impl
     from detr_jax.models.resnet import NORMS as BACKBONE_NORMS, ResNet
 
     cfg = model_config
@@ -136,15 +166,18 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"config.model.backbone = {cfg.backbone!r}; expected one of {', '.join(BACKBONES)} "
                              "or 'custom' (with build_model(..., backbone=module))")
+        # A performance switch, not part of the model: configs saved before it existed mean "auto".
+        conv_impl = resolve_conv_impl(cfg.get("conv_impl", "auto"), BACKBONES[cfg.backbone].block)
         backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, norm=cfg.backbone_norm, dtype=dtype,
-                          remat=cfg.remat in ("backbone", "all"))
+                          remat=cfg.remat in ("backbone", "all"), conv_impl=conv_impl)
+    check_padding(cfg.padding, backbone)
     return DETR(
         backbone=backbone, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
         hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
         num_decoder_layers=cfg.num_decoder_layers, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
         activation=cfg.activation, norm=cfg.norm, ffn_type=cfg.ffn_type, pre_norm=cfg.pre_norm,
         position_embedding=cfg.position_embedding, dtype=dtype, attention=cfg.attention,
-        remat_transformer=cfg.remat in ("transformer", "all"),
+        remat_transformer=cfg.remat in ("transformer", "all"), padding=cfg.padding,
     )
 
 

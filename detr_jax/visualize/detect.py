@@ -95,14 +95,15 @@ def _attention_figures(out_dir: Path, name: str, image: np.ndarray, detections, 
 
 def detect(model, variables, data_config, paths, out_dir, *, names, threshold: float = 0.7, topk: int = 0,
            batch_size: int = 8, draw_boxes: bool = False, decoder_attention: bool = False, encoder_pixels=(),
-           checkpoint_name: str = "", log=print) -> dict:
+           checkpoint_name: str = "", padding: str = "exact", log=print) -> dict:
     """Detect objects in the image files ``paths``; write ``out_dir`` (see the module docstring).
 
     model, variables: a DETR module and its variables; data_config: eval sizes and buckets;
     names: a name per class (``class_names``); threshold: keep detections scoring at least this;
     topk: only each image's k best queries (0: all); batch_size: images per batch (rounded up to a
     multiple of the local devices); encoder_pixels: (x, y) original-image pixels whose encoder
-    self-attention is drawn (clamped to each image). -> the contents of detections.json.
+    self-attention is drawn (clamped to each image); padding: config.model.padding for the
+    detection ("exact": each image as if alone). -> the contents of detections.json.
     """
     from detr_jax.data import eval_batches
     from detr_jax.data.image_files import load_image_files
@@ -114,7 +115,7 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
     records = source.records
     files = {int(i): (str(p), n) for i, p, n in zip(records.image_id, records.path, output_names(records.path))}
     with_attention = decoder_attention or bool(encoder_pixels)
-    predict = predictor(model, topk, with_attention)
+    predict = predictor(model, topk, with_attention, padding=padding)
     batches = eval_batches(data_config, host_batch_size(batch_size, 1, jax.local_device_count()), process_index=0,
                            process_count=1, source=source)
     images, total = {}, source.info.num_images  # image id (= position in paths) -> its json entry
@@ -163,14 +164,16 @@ def parse_pixels(specs) -> list[tuple[float, float]]:
 
 
 def detect_checkpoint(config, images, output, *, workdir=None, checkpoint: str = "", step=None,
-                      class_names_override=(), encoder_pixels=(), log=print, **settings) -> dict:
+                      class_names_override=(), encoder_pixels=(), padding: str | None = None, log=print,
+                      **settings) -> dict:
     """What the command line does: load a checkpoint (``load_for_eval``: a training workdir's latest
     or ``step``, a converted directory, an official .pth/.npz for config.model), take the eval sizes
     from config.data (else the training run's), find the images (a file, folder or glob, or a list
-    of image paths) and ``detect``. settings: threshold, topk, batch_size, draw_boxes, decoder_attention."""
+    of image paths) and ``detect``. padding: None for config.eval.padding (of config, else of the
+    training run; default "exact"). settings: threshold, topk, batch_size, draw_boxes, decoder_attention."""
     from detr_jax import build_model
     from detr_jax.data.image_files import find_images
-    from detr_jax.evaluation.checkpoints import data_config_for, load_for_eval
+    from detr_jax.evaluation.checkpoints import data_config_for, eval_settings, load_for_eval
 
     if not checkpoint and not workdir:
         raise ValueError("nothing to load: pass --workdir (a training run) or --checkpoint (a converted directory "
@@ -178,9 +181,10 @@ def detect_checkpoint(config, images, output, *, workdir=None, checkpoint: str =
     model_config = config.model if config is not None and "model" in config else None
     loaded = load_for_eval(checkpoint, workdir=workdir, step=step, model_config=model_config, warn=log)
     data_config = data_config_for(config, loaded)
+    padding = padding or eval_settings(config if config is not None else loaded.run_config).padding
     paths = find_images(images) if isinstance(images, str) else list(images)
     names = class_names(loaded.model_config.num_classes, data_config, class_names_override)
     log(f"detecting with {loaded.name} ({loaded.model_config.backbone}, {loaded.model_config.num_classes} classes) "
         f"on {len(paths)} images, eval size {data_config.eval_size} / {data_config.eval_max_size}")
     return detect(build_model(loaded.model_config), loaded.variables, data_config, paths, output, names=names,
-                  encoder_pixels=encoder_pixels, checkpoint_name=loaded.name, log=log, **settings)
+                  encoder_pixels=encoder_pixels, checkpoint_name=loaded.name, padding=padding, log=log, **settings)
