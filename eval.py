@@ -15,7 +15,7 @@ Prints pycocotools' 12-number summary and a per-class AP table; writes WORKDIR/e
 checkpoint, else the checkpoint's name. Settings: flags > config.eval > defaults
 (see ``detr_jax.config.eval_config``).
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from detr_jax import cli
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

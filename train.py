@@ -4,9 +4,7 @@ Resumes from the newest checkpoint in DIR when there is one. Multi-host: run one
 on Cloud TPU `jax.distributed.initialize()` finds its peers itself (--multihost), elsewhere give
 --coordinator_address, --num_processes and --process_id.
 """
-import sys
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from detr_jax import cli
@@ -21,15 +19,10 @@ flags.mark_flag_as_required("config")
 def main(argv):
     del argv
     cli.start()
-    from detr_jax.checkpoint import IncompatibleCheckpoint, UnreadableCheckpoints
     from detr_jax.training import train_and_evaluate
 
-    try:
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (IncompatibleCheckpoint, UnreadableCheckpoints) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,6 +12,9 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from detr_jax.errors import UsageError
 
 # model fields that change how the model computes, not what it is: a resume may change them
 COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "attention", "remat", "padding", "conv_impl")
@@ -41,11 +44,11 @@ def load_variables(directory) -> tuple[dict, ml_collections.ConfigDict]:
     return variables, model_config
 
 
-class IncompatibleCheckpoint(ValueError):
+class IncompatibleCheckpoint(UsageError, ValueError):
     """The checkpoint cannot continue this config: another model, or another state tree."""
 
 
-class UnreadableCheckpoints(OSError):
+class UnreadableCheckpoints(UsageError, OSError):
     """A run's checkpoint folder holds checkpoints, none of which can be read."""
 
 
@@ -103,9 +106,9 @@ class TrainCheckpoints:
     ``close`` wait for it. Every process calls every method (orbax decides what each one writes).
     """
 
-    def __init__(self, directory, keep: int | None, async_save: bool = True):
+    def __init__(self, directory, keep: int | None, async_save: bool = True, create: bool = True):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 
@@ -124,14 +127,17 @@ class TrainCheckpoints:
         """(step, state, meta, changes) of the newest readable checkpoint, or None when there is none.
 
         - A corrupt or partial checkpoint (meta, tree or arrays unreadable) is skipped with a warning
-          naming it; the previous one is tried. When none can be read, ``UnreadableCheckpoints``:
-          the run never starts over beside checkpoints it could not read.
+          naming it; the previous one is tried. Once one is read, the unreadable newer ones are
+          moved aside (``set_aside``), so that the run saves those steps afresh. When none can be
+          read, ``UnreadableCheckpoints``: the run never starts over beside checkpoints it could
+          not read.
         - A checkpoint of another model (a ``model.*`` field other than ``COMPUTE_ONLY_MODEL_FIELDS``
           differs from ``config``) or of another state tree raises ``IncompatibleCheckpoint``, naming
           the differing fields and how to start afresh.
         - Other changes (lr, schedule, steps, evaluation, logging, ...) are allowed: ``changes`` lists
           them as (field, saved, current), for the caller to log.
         """
+        unreadable = []
         for step in reversed(self.steps()):
             where = self.directory / str(step)
             try:
@@ -141,6 +147,7 @@ class TrainCheckpoints:
             except Exception as error:  # noqa: BLE001 - unreadable: fall back to the previous checkpoint
                 warn(f"warning: checkpoint {where} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
                      "falling back to an earlier one")
+                unreadable.append(step)
                 continue
             changes = config_changes(saved_config, config)
             model_changes = [c for c in changes if _is_model_change(c[0])]
@@ -158,13 +165,36 @@ class TrainCheckpoints:
             except Exception as error:  # noqa: BLE001 - the tree fits, so the arrays themselves are damaged
                 warn(f"warning: checkpoint {where} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
                      "falling back to an earlier one")
+                unreadable.append(step)
                 continue
+            for moved in self.set_aside(unreadable):
+                warn(f"warning: moved the unreadable checkpoint aside to {moved}; the run continues from step {step}")
             return step, restored["state"], restored["meta"], changes
         if self.steps():
             raise UnreadableCheckpoints(
                 f"none of the checkpoints {self.steps()} in {self.directory} can be read (see the warnings above); "
                 f"move {self.directory} aside to start afresh, or use a new --workdir")
         return None
+
+    def set_aside(self, steps) -> list[Path]:
+        """Moves the checkpoints of ``steps`` to DIR_unreadable/STEP (STEP.1, ... when taken), kept
+        for inspection, out of the manager's sight. -> the new places. Every process calls it
+        (process 0 moves; the others wait for it)."""
+        aside = self.directory.with_name(self.directory.name + "_unreadable")
+        targets = []
+        for step in steps:
+            target, n = aside / str(step), 0
+            while target.exists():
+                n += 1
+                target = aside / f"{step}.{n}"
+            if jax.process_index() == 0:
+                aside.mkdir(exist_ok=True)
+                (self.directory / str(step)).rename(target)
+            targets.append(target)
+        if steps:
+            multihost_utils.sync_global_devices("detr_jax: unreadable checkpoints set aside")
+            self.manager.reload()
+        return targets
 
     def close(self) -> None:
         """Waits for the last save, then releases orbax's resources."""
@@ -174,8 +204,13 @@ class TrainCheckpoints:
 
 def latest_train_variables(workdir, step: int | None = None, warn=print):
     """(step, variables {"params", "buffers"}, the run's ConfigDict) from a training workdir's checkpoints:
-    the newest readable one, or ``step``. For evaluation: the optimizer state is not read."""
-    checkpoints = TrainCheckpoints(Path(workdir) / "checkpoints", keep=None, async_save=False)
+    the newest readable one, or ``step``. For evaluation: the optimizer state is not read, and
+    nothing is written (a workdir without checkpoints/ is an error, left as it is)."""
+    directory = Path(workdir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such folder; {workdir} is not a training workdir "
+                                "(train.py --workdir=... writes its checkpoints there)")
+    checkpoints = TrainCheckpoints(directory, keep=None, async_save=False, create=False)
     try:
         steps = [step] if step is not None else list(reversed(checkpoints.steps()))
         if not steps:

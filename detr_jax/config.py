@@ -119,7 +119,7 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
 def data_config(**overrides) -> ml_collections.ConfigDict:
     """The input pipeline's settings (official DETR COCO recipe), with ``overrides`` applied.
 
-    Fields (``detr_jax.data`` reads them; ``detr_jax.data.check_data_config`` validates them):
+    Fields (``detr_jax.data`` reads them; ``detr_jax.validation`` validates them):
       source: "tfds" (tfds_name, e.g. coco/2017), "coco_json" (an instances json and an image folder:
         COCO or any custom dataset) or "synthetic" (the built-in shapes dataset, generated on first use).
       data_dir: coco_json: a folder with the COCO layout (annotations/instances_{train,val}2017.json,

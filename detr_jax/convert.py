@@ -23,13 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detr_jax.errors import DataError, UsageError
 from detr_jax.models.detr import build_model, class_head
 
 BACKBONE_PREFIX = "backbone.0.body."
 _QKV = ("q_proj", "k_proj", "v_proj")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UsageError, ValueError):
     """A state_dict that does not fit the configured model; the message names every bad key."""
 
 
@@ -229,7 +230,7 @@ def load_state_dict_file(path) -> dict[str, np.ndarray]:
     obj = torch_pickle.load(path)
     state_dict = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, np.ndarray) for v in state_dict.values()):
-        raise ValueError(f"{path}: expected a state_dict (key -> tensor) or {{'model': state_dict}}; "
+        raise DataError(f"{path}: expected a state_dict (key -> tensor) or {{'model': state_dict}}; "
                          f"found {type(obj).__name__} with keys {list(obj)[:8] if isinstance(obj, dict) else '-'}")
     return state_dict
 
@@ -260,8 +261,11 @@ def convert_file(input_path, output_dir, model_config, *, source: str = "officia
 def main(argv) -> None:
     from absl import flags
 
+    from detr_jax.validation import validate
+
     del argv
     f = flags.FLAGS
+    validate(f.config)
     variables = convert_file(f.input, f.output, f.config.model, source=f.source,
                              drop_class_head=f.drop_class_head, seed=f.seed)
     n = sum(x.size for x in jax.tree_util.tree_leaves(variables))
@@ -285,7 +289,7 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
+    from detr_jax import cli
 
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -15,8 +15,10 @@ same --workdir to resume an interrupted run.
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from detr_jax import cli
 
 config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file[:variant] to train (default: the "
                                 "CPU demo, configs/synthetic.py).")
@@ -72,8 +74,6 @@ def run_demo(config, workdir, *, num_images: int, threshold: float, log=print) -
 
 def main(argv):
     del argv
-    from detr_jax import cli
-
     f = flags.FLAGS
     cli.quiet()
     workdir = f.workdir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
@@ -81,4 +81,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

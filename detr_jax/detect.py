@@ -10,9 +10,10 @@ the images with their detections drawn and the attention figures of the DETR pap
 Images are resized as evaluation does (config.data.eval_size / eval_max_size) and run in jit-compiled
 batches; see ``detr_jax.visualize.detect`` for the output files.
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from detr_jax import cli
 from detr_jax.config import PADDINGS
 
 config_flags.DEFINE_config_file("config", None, "Config file[:variant], e.g. configs/detr_coco.py:r50: config.model "
@@ -50,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

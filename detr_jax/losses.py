@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from detr_jax import box_ops
 from detr_jax.matching import match, stack_layers
 
+CLASSIFICATIONS = ("softmax", "sigmoid_focal")  # config.loss.classification
+
 
 def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)

@@ -9,7 +9,8 @@ The loop (``detr_jax.training.train_loop``) runs the steps; after each one it ha
 - ``Evaluate``: COCO evaluation of the val split every ``every`` steps and at the end;
 - ``Profile``: a profiler trace of a few steps (its ``before_step`` runs before the step).
 
-``Preemption`` turns SIGTERM on any host into a stop that every host agrees on, after the same step.
+``Preemption`` turns SIGTERM or Ctrl-C (SIGINT) on any host into a stop that every host agrees on,
+after the same step.
 
 Every host runs the same actions at the same steps (checkpoints and evaluations are collective), so
 each decision depends only on the step, the run's end and values every host shares.
@@ -23,6 +24,8 @@ import jax
 import numpy as np
 
 from detr_jax.metrics import format_duration, mean_metrics
+
+ON_NONFINITE = ("stop", "skip")  # config.train.on_nonfinite
 
 
 @dataclasses.dataclass
@@ -156,20 +159,33 @@ class Profile(Action):
 
 
 class Preemption:
-    """SIGTERM on any host stops every host after the same step, which then saves and exits 0.
+    """SIGTERM or SIGINT (Ctrl-C) on any host stops every host after the same step, which then saves
+    and exits 0. A second SIGINT on a host raises ``KeyboardInterrupt`` there at once (no save).
 
-    The handler only sets a flag. Each step takes ``flag()`` as an input and sums it over every
-    device of every host into its ``stop`` metric (a scalar riding on the step's own all-reduce: no
-    collective of its own). After dispatching step k the loop asks ``agreed(metrics of step k - 1)``:
-    every host reads the same sum, so every host ends after step k.
+    The handler only records the signal. Each step takes ``flag()`` as an input and sums it over
+    every device of every host into its ``stop`` metric (a scalar riding on the step's own
+    all-reduce: no collective of its own). After dispatching step k the loop asks ``agreed(metrics
+    of step k - 1)``: every host reads the same sum, so every host ends after step k.
     """
 
-    def __init__(self, signals=(signal.SIGTERM,)):
-        self.requested = False
-        self._previous = {s: signal.signal(s, self._handle) for s in signals}
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: str | None = None  # the name of the first signal this host got
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.received == "SIGINT" and signum == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C: exiting without saving")
+        self.received = self.received or signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def cause(self) -> str:
+        """What stopped the run, as seen from this host."""
+        return self.received or "a signal on another host"
 
     def flag(self) -> np.ndarray:
         """The step input: int32 1 once this host got the signal, else 0."""

@@ -6,7 +6,9 @@ a table of each run's best and final AP. Works while the runs are still going.
 
 Writes OUTPUT/losses.png, OUTPUT/ap.png and OUTPUT/summary.md (see ``detr_jax.visualize.plots``).
 """
-from absl import app, flags
+from absl import flags
+
+from detr_jax import cli
 
 flags.DEFINE_list("workdirs", None, "Comma-separated training workdirs (each with history/train.jsonl, "
                   "history/eval.jsonl).", required=True)
@@ -24,4 +26,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

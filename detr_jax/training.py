@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, convert, perf, periodic, pretrain
+from detr_jax import checkpoint, convert, perf, periodic, pretrain, workdir_lock
 from detr_jax.losses import compute_loss
 from detr_jax.metrics import MetricsWriter, Throughput
 from detr_jax.models import build_model, trainable_mask
@@ -156,10 +156,10 @@ class RunSizes:
     def make(train, grad_accum_steps: int, source, data_config) -> "RunSizes":
         from detr_jax import data
 
+        from detr_jax.validation import check_devices
+
         devices, local = jax.device_count(), jax.local_device_count()
-        if train.batch_size % devices:
-            raise ValueError(f"config.train.batch_size ({train.batch_size}) must be a multiple of the number of "
-                             f"devices ({devices})")
+        check_devices(train.batch_size, devices)
         host = data.train_host_batch(train.batch_size, jax.process_count())
         steps_per_epoch = data.steps_per_epoch(source.info.num_images, train.batch_size,
                                                len(data.bucket_list(data_config)))
@@ -315,11 +315,12 @@ def train_loop(run: Run, p_step, batches, actions, preemption: periodic.Preempti
 
 
 def train_and_evaluate(config, workdir) -> TrainState:
-    """Train ``config`` in ``workdir``, resuming from its latest checkpoint when it has one.
+    """Train ``config`` in ``workdir``, resuming from its latest checkpoint when it has one. The run
+    holds the workdir (``workdir_lock``): a second run on it stops with ``WorkdirInUse``.
 
     Writes WORKDIR/config.json, checkpoints/ (every ``train.checkpoint_every_steps`` and at the end,
-    the last ``train.keep_checkpoints`` kept), tensorboard/ and history/train.jsonl. SIGTERM on any
-    host stops every host after the same step, which is saved; the run then returns cleanly. A
+    the last ``train.keep_checkpoints`` kept), tensorboard/ and history/train.jsonl. SIGTERM or
+    SIGINT (Ctrl-C; a second one exits at once) on any host stops every host after the same step, which is saved; the run then returns cleanly. A
     non-finite loss or gradient is never applied; with ``train.on_nonfinite = "stop"`` the run stops
     with an error, the last good checkpoint kept. ``train.compilation_cache_dir`` keeps compiled
     programs across runs; ``train.profile_steps`` traces that many steps (after the run's first)
@@ -327,9 +328,18 @@ def train_and_evaluate(config, workdir) -> TrainState:
     train step's programs built so far (one per batch shape, i.e. per bucket). Returns the final
     state (unreplicated).
     """
+    from detr_jax.validation import validate
+
+    validate(config)
+    with workdir_lock.hold(workdir):
+        return _train(restore(setup(config, workdir)))
+
+
+def _train(run: Run) -> TrainState:
+    """The run's steps, after ``setup`` and ``restore``; -> the final state (unreplicated)."""
     from detr_jax import data
 
-    run = restore(setup(config, workdir))
+    config = run.config
     sizes, accum = run.sizes, config.optim.grad_accum_steps
     _log(f"devices: {jax.device_count()} ({jax.local_device_count()} local x {jax.process_count()} processes, "
          f"{jax.devices()[0].platform}); batch: {sizes.device_batch} per device, {sizes.host_batch} per host, "
@@ -352,7 +362,7 @@ def train_and_evaluate(config, workdir) -> TrainState:
             action.close()
         run.checkpoints.close()
     if stopped:
-        _log(f"SIGTERM: saved the checkpoint of step {step}; exiting")
+        _log(f"stopped by {preemption.cause()}: saved the checkpoint of step {step}; exiting")
     final = unreplicate(state)
     if config.train.profile_steps:
         _log(f"profile trace of steps {run.start + 1}..{run.start + config.train.profile_steps} in "

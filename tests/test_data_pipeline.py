@@ -13,6 +13,8 @@ from detr_jax.config import data_config
 from detr_jax.data import bucket_list, eval_batches, load_dataset, steps_per_epoch, train_batches
 from detr_jax.data.synthetic import Spec, generate
 from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from detr_jax.errors import ConfigError
+from detr_jax.validation import validate
 
 SMALL = dict(train_scales=(64, 80, 96), train_max_size=160, crop_resize_scales=(64, 80), crop_min_size=48,
              crop_max_size=80, eval_size=96, eval_max_size=160, max_boxes=12)
@@ -326,14 +328,15 @@ def test_custom_category_ids_round_trip(tmp_path, mapping):
 
 
 @pytest.mark.parametrize("override,message", [
-    (dict(source="voc"), "data_config.source = 'voc'; expected one of synthetic, coco_json, tfds"),
-    (dict(label_mapping="names"), "data_config.label_mapping"),
-    (dict(max_boxes=0), "data_config.max_boxes = 0; expected a positive integer"),
-    (dict(train_scales=()), "data_config.train_scales"),
-    (dict(crop_min_size=700), "data_config.crop_min_size = 700; expected at most crop_max_size"),
-    (dict(flip_prob=1.5), "data_config.flip_prob"),
-    (dict(buckets=((100, 128),)), "data_config.buckets = \\[\\(100, 128\\)\\]: .* multiples of size_divisor \\(32\\)"),
+    (dict(source="voc"), "config.data.source = 'voc': expected one of 'synthetic', 'coco_json', 'tfds'"),
+    (dict(label_mapping="names"), "config.data.label_mapping = 'names': expected one of"),
+    (dict(max_boxes=0), "config.data.max_boxes = 0: expected an integer >= 1"),
+    (dict(train_scales=()), "config.data.train_scales = \\(\\): expected a non-empty sequence"),
+    (dict(crop_min_size=700), "config.data.crop_min_size = 700: expected at most config.data.crop_max_size \\(600\\)"),
+    (dict(flip_prob=1.5), "config.data.flip_prob = 1.5: expected a number >= 0 and <= 1"),
+    (dict(buckets=((100, 128),)), "config.data.buckets = \\(\\(100, 128\\),\\): .* multiples of config.data.size_divisor "
+                                  "\\(32\\)"),
 ])
 def test_config_errors_name_the_field(override, message):
-    with pytest.raises(ValueError, match=message):
-        load_dataset(data_config(**override), "train", process_index=0, process_count=1)
+    with pytest.raises(ConfigError, match=message):
+        validate({"data": data_config(**override)})

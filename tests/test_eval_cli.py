@@ -126,6 +126,7 @@ def test_what_each_checkpoint_kind_loads(tiny_run, tmp_path):
         load_for_eval(str(tmp_path / "converted"), workdir=workdir, step=5)
     with pytest.raises(FileNotFoundError, match="notes.txt: expected a variables directory"):
         load_for_eval(str(tmp_path / "notes.txt"), workdir=workdir)
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint to evaluate"):
         load_for_eval("", workdir=tmp_path / "empty")
 

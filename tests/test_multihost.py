@@ -123,7 +123,7 @@ def test_sigterm_to_one_of_two_processes_then_resume_on_one(one_by_two, shared, 
         time.sleep(0.1)
     job[1].send_signal(signal.SIGTERM)
     outputs = finish(job)
-    stopped_at = int(outputs[0].split("SIGTERM: saved the checkpoint of step ")[1].split(";")[0])
+    stopped_at = int(outputs[0].split("stopped by a signal on another host: saved the checkpoint of step ")[1].split(";")[0])
     assert 3 <= stopped_at < STEPS, outputs[0]
     assert sorted(os.listdir(workdir / "checkpoints")) == [str(stopped_at)]  # one step, saved by both
     out = run(workdir, shared, 1, 2)[0]

@@ -1,6 +1,7 @@
 """The training loop's parts, each alone: periodic actions, the agreed preemption stop, honest
 checkpoint restore, and the train step's handling of an unreadable image."""
 import os
+import shutil
 import signal
 
 import jax
@@ -83,17 +84,30 @@ def test_log_metrics_means_the_interval_and_stops_on_a_nonfinite_step():
         action.after_step(end(4, last=True, metrics=step_metrics(1.0), state=state))
 
 
-def test_preemption_flag_and_agreement():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_preemption_flag_and_agreement(signum):
     preemption = periodic.Preemption()
     try:
-        assert preemption.flag() == 0
-        os.kill(os.getpid(), signal.SIGTERM)  # handled: sets the flag, the process goes on
-        assert preemption.flag() == 1
+        assert preemption.flag() == 0 and preemption.cause() == "a signal on another host"
+        os.kill(os.getpid(), signum)  # handled: sets the flag, the process goes on
+        assert preemption.flag() == 1 and preemption.cause() == signal.Signals(signum).name
         assert preemption.agreed({"stop": np.array([2, 2])})  # another host's flag, summed by the step
         assert not preemption.agreed({"stop": np.array([0, 0])})
     finally:
         preemption.close()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_second_ctrl_c_exits_at_once():
+    preemption = periodic.Preemption()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt, match="second Ctrl-C"):
+            os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.cause() == "SIGINT"
+    finally:
+        preemption.close()
 
 
 def small_state(width=3):
@@ -118,7 +132,10 @@ def test_restore_tells_corrupt_incompatible_and_compatible_apart(tmp_path):
     changed = run_config(dtype="bfloat16")
     changed.optim.lr = 2e-4
     step, state, meta, changes = checkpoints.restore(small_state(), changed, warn=warnings.append)
-    assert step == 1 and len(warnings) == 1 and "checkpoint" in warnings[0] and "/2 cannot be read" in warnings[0]
+    assert step == 1 and len(warnings) == 2 and "checkpoint" in warnings[0] and "/2 cannot be read" in warnings[0]
+    aside = tmp_path / "checkpoints_unreadable" / "2"
+    assert warnings[1] == f"warning: moved the unreadable checkpoint aside to {aside}; the run continues from step 1"
+    assert (aside / "meta" / "metadata").read_text() == "not json" and checkpoints.steps() == [1]
     np.testing.assert_array_equal(state["params"]["w"], small_state()["params"]["w"])
     assert changes == [("model.dtype", "float32", "bfloat16"), ("optim.lr", 1e-4, 2e-4)]
 
@@ -128,9 +145,29 @@ def test_restore_tells_corrupt_incompatible_and_compatible_apart(tmp_path):
                                                      r"params.w \(2, 3\)"):
         checkpoints.restore(small_state(width=4), run_config())
     (tmp_path / "checkpoints" / "1" / "meta" / "metadata").write_text("not json")  # now every one is corrupt
-    with pytest.raises(UnreadableCheckpoints, match=r"none of the checkpoints \[1, 2\] .* can be read"):
+    with pytest.raises(UnreadableCheckpoints, match=r"none of the checkpoints \[1\] .* can be read"):
         checkpoints.restore(small_state(), run_config(), warn=warnings.append)
     checkpoints.close()
+
+
+def test_a_run_saves_again_the_step_of_a_checkpoint_set_aside(tmp_path):
+    """A corrupt newest checkpoint (its state/ deleted) is moved aside at restore; the run reaches
+    that step again and saves it (it used to fail with orbax's StepAlreadyExistsError, at every
+    restart); a second corruption of the same step is kept beside the first."""
+    for attempt in ("2", "2.1"):
+        checkpoints = TrainCheckpoints(tmp_path / "checkpoints", keep=None)
+        for step in (1, 2):
+            if step not in checkpoints.steps():
+                checkpoints.save(step, small_state(), {"config": run_config().to_json()})
+        checkpoints.wait()
+        shutil.rmtree(tmp_path / "checkpoints" / "2" / "state")
+        assert checkpoints.restore(small_state(), run_config(), warn=lambda _: None)[0] == 1
+        assert (tmp_path / "checkpoints_unreadable" / attempt / "meta").is_dir()
+        checkpoints.save(2, small_state(), {"config": run_config().to_json()})
+        checkpoints.close()
+    reopened = TrainCheckpoints(tmp_path / "checkpoints", keep=None)
+    assert reopened.steps() == [1, 2]
+    reopened.close()
 
 
 def test_config_changes_compare_sequences_as_saved():

@@ -52,7 +52,7 @@ def read_history(workdir, name="train"):
 
 
 def test_train_checkpoint_events_preemption_and_exact_resume(tmp_path, data_dir):
-    """8 steps straight; and the same run stopped by SIGTERM somewhere in the middle, then resumed:
+    """8 steps straight; and the same run stopped by Ctrl-C (SIGINT) somewhere in the middle, then resumed:
     the parameters must agree (dropout on: its random stream, the data order and the augmentation
     all follow the step)."""
     common = ["--config.train.num_steps=8", "--config.train.log_every_steps=1", "--config.train.checkpoint_every_steps=4",
@@ -85,10 +85,10 @@ def test_train_checkpoint_events_preemption_and_exact_resume(tmp_path, data_dir)
     deadline = time.time() + 300
     while time.time() < deadline and not (history_file.exists() and history_file.read_text().count("\n") >= 2):
         time.sleep(0.1)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=300)
     assert process.returncode == 0, out
-    interrupted_at = int(out.split("SIGTERM: saved the checkpoint of step ")[1].split(";")[0])
+    interrupted_at = int(out.split("stopped by SIGINT: saved the checkpoint of step ")[1].split(";")[0])
     assert 2 <= interrupted_at < 8, out
     code, out = train(preempted, data_dir, *common)
     assert code == 0, out

@@ -19,8 +19,8 @@ from detr_jax.data.pipeline import (Batches, bucket_list, eval_batches, steps_pe
                                     train_host_batch)
 from detr_jax.data.records import DatasetInfo
 from detr_jax.data.report import Report
-from detr_jax.data.source import Source, check_data_config, load_dataset
+from detr_jax.data.source import Source, load_dataset
 
-__all__ = ["Batches", "DatasetInfo", "Report", "Source", "bucket_list", "check_data_config", "default_buckets",
+__all__ = ["Batches", "DatasetInfo", "Report", "Source", "bucket_list", "default_buckets",
            "eval_batches", "load_dataset", "padding_fraction", "steps_per_epoch", "train_batches",
            "train_host_batch"]

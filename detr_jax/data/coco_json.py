@@ -14,6 +14,7 @@ import tensorflow as tf
 from detr_jax.data.records import Records, build_records, clean_targets, make_info
 from detr_jax.data.report import Report
 from detr_jax.data.source import Source
+from detr_jax.errors import ConfigError, DataError
 
 # split -> (annotation file, image folder) under data_dir, per layout
 LAYOUTS = {
@@ -34,7 +35,7 @@ def split_paths(data_config, split: str) -> tuple[str, str]:
     annotations, images = data_config[f"{split}_annotations"], data_config[f"{split}_images"]
     root = default_dir(data_config) if data_config.source == "synthetic" else data_config.data_dir
     if not (annotations and images) and not root:
-        raise ValueError(f"data_config.source = 'coco_json' needs data_config.data_dir (a folder with the COCO "
+        raise ConfigError(f"data_config.source = 'coco_json' needs data_config.data_dir (a folder with the COCO "
                          f"layout) or both data_config.{split}_annotations and data_config.{split}_images")
     default_ann, default_images = LAYOUTS[data_config.source][split]
     return (annotations or os.path.join(root, default_ann), images or os.path.join(root, default_images))
@@ -61,7 +62,7 @@ class _Checker:
         self.path = path
 
     def fail(self, where: str, problem: str):
-        raise ValueError(f"{self.path}: not a valid COCO annotation file: {where} {problem}")
+        raise DataError(f"{self.path}: not a valid COCO annotation file: {where} {problem}")
 
     def field(self, entry, name: str, where: str, kind: str, default=None):
         """entry[name] as kind 'int' | 'number' | 'str' | 'bbox'; ``default`` makes it optional."""
@@ -101,7 +102,7 @@ def read_instances(path: str, image_dir: str, unknown_category: str, report: Rep
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a valid COCO annotation file: not JSON ({e})") from None
+            raise DataError(f"{path}: not a valid COCO annotation file: not JSON ({e})") from None
     check = _Checker(path)
     images, annotations, categories = check.top_level(data)
 
@@ -141,7 +142,7 @@ def read_instances(path: str, image_dir: str, unknown_category: str, report: Rep
             continue
         anns.append((image_rows[iid], aid, box, cid, bool(crowd), area))
     if unknown and unknown_category == "error":
-        raise ValueError(f"{path}: {len(unknown)} annotations have a category id not in 'categories' "
+        raise DataError(f"{path}: {len(unknown)} annotations have a category id not in 'categories' "
                          f"(ids {sorted(cats)}), e.g. {unknown[0]}; set data_config.unknown_category='skip' "
                          "to leave them out")
     report.add("unknown_category", len(unknown), unknown[:5])

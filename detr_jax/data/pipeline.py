@@ -46,6 +46,7 @@ from detr_jax.data.buckets import assign_buckets, check_buckets, default_buckets
 from detr_jax.data.source import Source, load_dataset, resolve_host
 from detr_jax.data.transforms import (NUM_DRAWS, Params, decode_rgb, eval_params, normalize_and_pad, resample_image,
                                       safely, train_params, transform_boxes, uniforms)
+from detr_jax.errors import ConfigError
 
 CHUNK = 1024  # plan rows handed to tf.data at a time (a tfds source hands its shuffle window)
 
@@ -61,7 +62,7 @@ def steps_per_epoch(num_images: int, batch_size: int, num_buckets: int) -> int:
     B - 1 images over, so the full batches number at least ceil((N - buckets * (B - 1)) / B)."""
     steps = -(-(num_images - num_buckets * (batch_size - 1)) // batch_size)
     if steps < 1:
-        raise ValueError(f"{num_images} training images cannot fill one global batch of {batch_size} per epoch "
+        raise ConfigError(f"{num_images} training images cannot fill one global batch of {batch_size} per epoch "
                          f"in {num_buckets} buckets (up to {batch_size - 1} images of each may be left over); "
                          "use a smaller batch or fewer buckets (data_config.buckets)")
     return steps
@@ -70,7 +71,7 @@ def steps_per_epoch(num_images: int, batch_size: int, num_buckets: int) -> int:
 def train_host_batch(batch_size: int, process_count: int) -> int:
     """Images per host of a global batch of batch_size (a clear error unless it divides evenly)."""
     if batch_size % process_count:
-        raise ValueError(f"the global batch of {batch_size} images cannot be split evenly over {process_count} "
+        raise ConfigError(f"the global batch of {batch_size} images cannot be split evenly over {process_count} "
                          "hosts; use a multiple of the number of hosts")
     return batch_size // process_count
 

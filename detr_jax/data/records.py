@@ -10,6 +10,7 @@ import dataclasses
 import numpy as np
 
 from detr_jax.data.report import Report
+from detr_jax.errors import DataError
 
 LABEL_MAPPINGS = ("category_id", "contiguous")
 MAX_BOXES_POLICIES = ("keep_largest", "error")
@@ -178,7 +179,7 @@ def _limit_boxes(records, owner, keep, boxes, max_boxes, policy, report):
         return keep
     named = [f"{records.file_name[i]} (image id {records.image_id[i]}): {counts[i]} boxes" for i in over[:5]]
     if policy == "error":
-        raise ValueError(f"{len(over)} images have more than max_boxes = {max_boxes} objects, e.g. "
+        raise DataError(f"{len(over)} images have more than max_boxes = {max_boxes} objects, e.g. "
                          f"{'; '.join(named)}; raise data_config.max_boxes or set max_boxes_policy='keep_largest'")
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     rows = np.flatnonzero(keep)

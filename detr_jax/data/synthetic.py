@@ -23,6 +23,8 @@ import tempfile
 
 import numpy as np
 
+from detr_jax.errors import DataError
+
 CLASSES = ("circle", "square", "triangle", "cross", "ring")
 SPEC_FILE = "synthetic.json"
 FORMAT_VERSION = 1
@@ -209,13 +211,13 @@ def _matching(out: str, spec: Spec) -> bool:
     path = os.path.join(out, SPEC_FILE)
     if not os.path.exists(path):
         if os.path.exists(out):
-            raise ValueError(f"{out} exists but is not a synthetic dataset (no {SPEC_FILE}); use another data_dir")
+            raise DataError(f"{out} exists but is not a synthetic dataset (no {SPEC_FILE}); use another data_dir")
         return False
     with open(path) as f:
         found = json.load(f)
     wanted = {k: v for k, v in spec.to_json().items() if k in CONFIGURED}
     if {k: found.get(k) for k in CONFIGURED} != wanted:
-        raise ValueError(f"{out} holds a synthetic dataset generated with {found}, not {wanted}; "
+        raise DataError(f"{out} holds a synthetic dataset generated with {found}, not {wanted}; "
                          "use another data_dir or delete it")
     return True
 

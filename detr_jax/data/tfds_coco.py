@@ -15,6 +15,7 @@ from detr_jax.data.records import build_records, clean_targets, make_info
 from detr_jax.data.report import Report
 from detr_jax.data.source import Source
 from detr_jax.data.transforms import decode_rgb, safely
+from detr_jax.errors import DataError
 
 # (COCO category id, name) of tfds labels 0..79
 COCO_CATEGORIES = (
@@ -39,7 +40,7 @@ def check_labels(builder) -> None:
     names = list(builder.info.features["objects"]["label"].names)
     expected = [name for _, name in COCO_CATEGORIES]
     if names != expected and names != [str(i) for i in range(len(expected))]:
-        raise ValueError(f"tfds {builder.name}: its {len(names)} labels are not COCO's 80 categories "
+        raise DataError(f"tfds {builder.name}: its {len(names)} labels are not COCO's 80 categories "
                          f"(first ones: {names[:5]}); use data_config.source='coco_json' for other datasets")
 
 
@@ -71,7 +72,7 @@ def read_records(builder, split: str, lo: int, hi: int):
         h, w = (int(v) for v in ex["size"])
         name = ex["file_name"].decode()
         if h <= 0 or w <= 0:
-            raise ValueError(f"tfds {builder.name} {split}[{lo + row}] ({name}, image id {ex['id']}): the image "
+            raise DataError(f"tfds {builder.name} {split}[{lo + row}] ({name}, image id {ex['id']}): the image "
                              "cannot be read; the prepared dataset is damaged (prepare it again)")
         images.append((int(ex["id"]), name, "", h, w))
         obj = ex["objects"]
@@ -123,7 +124,7 @@ def load(data_config, split: str, process_index: int, process_count: int) -> Tfd
     builder = tfds.builder(data_config.tfds_name, data_dir=data_config.tfds_data_dir or None)
     tfds_split = data_config.tfds_train_split if split == "train" else data_config.tfds_val_split
     if tfds_split not in builder.info.splits:
-        raise ValueError(f"tfds {data_config.tfds_name} in {builder.data_dir} has no split {tfds_split!r} (prepared: "
+        raise DataError(f"tfds {data_config.tfds_name} in {builder.data_dir} has no split {tfds_split!r} (prepared: "
                          f"{sorted(builder.info.splits) or 'none'}); prepare it with `tfds build "
                          f"{data_config.tfds_name}` or set data_config.tfds_data_dir")
     check_labels(builder)

@@ -12,6 +12,7 @@ from pathlib import Path
 import ml_collections
 
 from detr_jax.config import eval_config, loss_config, model_config as default_model_config
+from detr_jax.errors import ConfigError
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".npz")
 
@@ -23,7 +24,7 @@ def eval_settings(config, **flags) -> ml_collections.ConfigDict:
     if config is not None and "eval" in config:
         unknown = set(config.eval.keys()) - set(settings.keys())
         if unknown:
-            raise ValueError(f"config.eval has unknown fields {sorted(unknown)}; expected {sorted(settings.keys())}")
+            raise ConfigError(f"config.eval has unknown fields {sorted(unknown)}; expected {sorted(settings.keys())}")
         settings.update(config.eval)
     unknown = set(flags) - set(settings.keys())
     if unknown:
@@ -60,7 +61,7 @@ def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_co
                       run_config)
     path = Path(checkpoint)
     if step is not None:
-        raise ValueError(f"--step selects a training checkpoint of the workdir; it cannot go with --checkpoint={path}")
+        raise ConfigError(f"--step selects a training checkpoint of the workdir; it cannot go with --checkpoint={path}")
     if path.is_dir():
         variables, saved_config = ckpt.load_variables(path)
         return Loaded(variables, with_defaults(saved_config), None, path.name, None)
@@ -68,7 +69,7 @@ def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_co
         raise FileNotFoundError(f"{path}: expected a variables directory (python -m detr_jax.convert) or an official "
                                 f"DETR checkpoint file ({', '.join(OFFICIAL_SUFFIXES)})")
     if model_config is None:
-        raise ValueError(f"{path}: converting an official checkpoint needs config.model (pass --config, e.g. "
+        raise ConfigError(f"{path}: converting an official checkpoint needs config.model (pass --config, e.g. "
                          "configs/detr_coco.py:r50 for detr-r50-*.pth)")
     variables = convert.from_official_state_dict(convert.load_state_dict_file(path), model_config)
     return Loaded(variables, model_config, None, path.stem, None)
@@ -89,7 +90,7 @@ def data_config_for(config, loaded: Loaded):
     for candidate in (config, loaded.run_config):
         if candidate is not None and "data" in candidate:
             return candidate.data
-    raise ValueError("no data config: pass --config with a config.data (e.g. configs/detr_coco.py:r50) to say "
+    raise ConfigError("no data config: pass --config with a config.data (e.g. configs/detr_coco.py:r50) to say "
                      "which dataset and eval image sizes to use")
 
 
@@ -104,6 +105,10 @@ def evaluate_checkpoint(config, workdir, *, checkpoint: str = "", step: int | No
     from detr_jax import build_model, data
     from detr_jax.evaluation.evaluator import evaluate
 
+    from detr_jax.validation import validate
+
+    if config is not None:
+        validate(config)
     model_config = config.model if config is not None and "model" in config else None
     loaded = load_for_eval(checkpoint, workdir=workdir, step=step, model_config=model_config, warn=log)
     data_config = data_config_for(config, loaded)

@@ -145,19 +145,10 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
     ``backbone``: with ``model_config.backbone = 'custom'``, any Flax module mapping images
     [B, H, W, 3] to features [B, h, w, C], used instead of a named ResNet (and trained whole).
     """
-    from detr_jax.config import ACTIVATIONS, ATTENTIONS, DTYPES, FFN_TYPES, NORMS, POSITION_EMBEDDINGS, REMATS
     from detr_jax.models.conv import resolve_conv_impl
-    from detr_jax.models.resnet import NORMS as BACKBONE_NORMS, ResNet
+    from detr_jax.models.resnet import ResNet
 
     cfg = model_config
-    for field, allowed in (("activation", ACTIVATIONS), ("norm", NORMS), ("ffn_type", FFN_TYPES),
-                           ("position_embedding", POSITION_EMBEDDINGS), ("dtype", DTYPES),
-                           ("backbone_norm", BACKBONE_NORMS), ("attention", ATTENTIONS), ("remat", REMATS)):
-        if cfg[field] not in allowed:
-            raise ValueError(f"config.model.{field} = {cfg[field]!r}; expected one of {', '.join(allowed)}")
-    if cfg.hidden_dim % 2 or cfg.hidden_dim % cfg.num_heads:
-        raise ValueError(f"config.model.hidden_dim ({cfg.hidden_dim}) must be even and divisible by "
-                         f"num_heads ({cfg.num_heads})")
     dtype = jnp.dtype(cfg.dtype)
     if (cfg.backbone == "custom") != (backbone is not None):
         raise ValueError("a custom backbone module goes with config.model.backbone = 'custom' and "

@@ -21,6 +21,7 @@ from PIL import Image
 from detr_jax.data.records import make_info
 from detr_jax.data.tfds_coco import COCO_CATEGORIES
 from detr_jax.visualize import attention, draw
+from detr_jax.errors import ConfigError
 
 COCO_NUM_CLASSES = 91  # official DETR's COCO models: class index = COCO category id (1..90)
 
@@ -39,7 +40,7 @@ def class_names(num_classes: int, data_config=None, override=()) -> list[str]:
     """
     if override:
         if len(override) != num_classes:
-            raise ValueError(f"--class_names has {len(override)} names; the model has {num_classes} classes")
+            raise ConfigError(f"--class_names has {len(override)} names; the model has {num_classes} classes")
         return list(override)
     if num_classes == COCO_NUM_CLASSES:
         known = coco_class_names()
@@ -157,7 +158,7 @@ def parse_pixels(specs) -> list[tuple[float, float]]:
         try:
             x, y = (float(p) for p in parts)
         except ValueError:
-            raise ValueError(f"--encoder_pixel={spec!r}: expected X,Y in original-image pixels, e.g. 120,80") from None
+            raise ConfigError(f"--encoder_pixel={spec!r}: expected X,Y in original-image pixels, e.g. 120,80") from None
         pixels.append((x, y))
     return pixels
 
@@ -174,9 +175,12 @@ def detect_checkpoint(config, images, output, *, workdir=None, checkpoint: str =
     from detr_jax import build_model
     from detr_jax.data.image_files import find_images
     from detr_jax.evaluation.checkpoints import data_config_for, eval_settings, load_for_eval
+    from detr_jax.validation import validate
 
+    if config is not None:
+        validate(config)
     if not checkpoint and not workdir:
-        raise ValueError("nothing to load: pass --workdir (a training run) or --checkpoint (a converted directory "
+        raise ConfigError("nothing to load: pass --workdir (a training run) or --checkpoint (a converted directory "
                          "or an official .pth file)")
     model_config = config.model if config is not None and "model" in config else None
     loaded = load_for_eval(checkpoint, workdir=workdir, step=step, model_config=model_config, warn=log)

@@ -22,6 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
+from detr_jax.errors import ConfigError, DataError
+
 LOSS_TERMS = ("loss", "loss_ce", "loss_bbox", "loss_giou", "class_error", "cardinality_error")
 AP_TERMS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 X_AXES = ("step", "epoch")
@@ -52,9 +54,9 @@ def read_history(path) -> list[dict]:
         except json.JSONDecodeError as error:
             if number == len(lines):
                 break  # being written
-            raise ValueError(f"{path}:{number}: not a json object ({error})") from None
+            raise DataError(f"{path}:{number}: not a json object ({error})") from None
         if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"{path}:{number}: expected a json object with a 'step' field, got {line[:80]!r}")
+            raise DataError(f"{path}:{number}: expected a json object with a 'step' field, got {line[:80]!r}")
         rows.append(row)
     return rows
 
@@ -63,7 +65,7 @@ def load_runs(workdirs, labels=()) -> list[Run]:
     """The histories of ``workdirs``; legend names from ``labels``, else the folder names (the whole
     paths where folder names repeat). A workdir without any history is an error naming it."""
     if labels and len(labels) != len(workdirs):
-        raise ValueError(f"{len(labels)} labels for {len(workdirs)} workdirs; give one label per workdir")
+        raise ConfigError(f"{len(labels)} labels for {len(workdirs)} workdirs; give one label per workdir")
     folders = [Path(w).name for w in workdirs]
     names = list(labels) or (folders if len(set(folders)) == len(folders) else [str(w) for w in workdirs])
     runs = []
@@ -98,7 +100,7 @@ def curves_figure(runs, terms, x: str = "step") -> plt.Figure:
         raise ValueError(f"x axis {x!r}; expected one of {', '.join(X_AXES)}")
     present = [t for t in terms if any(len(s[0]) for run in runs for s in run_series(run, t, x))]
     if not present:
-        raise ValueError(f"no run has any of {', '.join(terms)} per {x}")
+        raise ConfigError(f"no run has any of {', '.join(terms)} per {x}")
     cols = min(3, len(present))
     nrows = -(-len(present) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.0 * nrows + 0.6), squeeze=False)
