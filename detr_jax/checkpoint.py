@@ -14,10 +14,25 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from detr_jax.config import model_config as default_model_config
 from detr_jax.errors import UsageError
 
 # model fields that change how the model computes, not what it is: a resume may change them
 COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "attention", "remat", "padding", "conv_impl")
+
+
+def with_defaults(saved_model_config) -> ml_collections.ConfigDict:
+    """A saved config.model with the fields added since it was written set to their defaults (e.g.
+    ``padding``: "exact", ``conv_impl``: "auto"). Every saved model config is read through it."""
+    return default_model_config(**saved_model_config.to_dict())
+
+
+def with_model_defaults(saved_config) -> ml_collections.ConfigDict:
+    """A saved run config with its config.model read through ``with_defaults``."""
+    config = ml_collections.ConfigDict(saved_config.to_dict())
+    if "model" in config:
+        config.model = with_defaults(config.model)
+    return config
 
 
 def save_variables(directory, variables, model_config) -> None:
@@ -38,10 +53,10 @@ def load_variables(directory) -> tuple[dict, ml_collections.ConfigDict]:
     if not config_file.exists() or not (directory / "variables").exists():
         raise FileNotFoundError(f"{directory}: not a detr-jax variables directory (expected variables/ "
                                 "and model_config.json, as written by python -m detr_jax.convert)")
-    model_config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    saved = with_defaults(ml_collections.ConfigDict(json.loads(config_file.read_text())))
     with ocp.StandardCheckpointer() as checkpointer:
         variables = checkpointer.restore(directory / "variables")
-    return variables, model_config
+    return variables, saved
 
 
 class IncompatibleCheckpoint(UsageError, ValueError):
@@ -72,6 +87,12 @@ def config_changes(saved, current) -> list[tuple[str, object, object]]:
 
 def format_changes(changes) -> str:
     return "; ".join(f"{field} {old!r} -> {new!r}" for field, old, new in changes)
+
+
+def model_differences(saved_model, model, ignore=()) -> list[tuple[str, object, object]]:
+    """[(field, saved, current)] of the fields in which two model configs (config.model) differ,
+    other than COMPUTE_ONLY_MODEL_FIELDS and ``ignore``: weights of one do not compute the other."""
+    return [c for c in config_changes(saved_model, model) if c[0] not in COMPUTE_ONLY_MODEL_FIELDS + tuple(ignore)]
 
 
 def _is_model_change(field: str) -> bool:
@@ -142,7 +163,7 @@ class TrainCheckpoints:
             where = self.directory / str(step)
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                saved_config = ml_collections.ConfigDict(json.loads(meta["config"]))
+                saved_config = with_model_defaults(ml_collections.ConfigDict(json.loads(meta["config"])))
                 saved_tree = self.manager.item_metadata(step)["state"]
             except Exception as error:  # noqa: BLE001 - unreadable: fall back to the previous checkpoint
                 warn(f"warning: checkpoint {where} cannot be read ({type(error).__name__}: {str(error)[:200]}); "
@@ -203,7 +224,8 @@ class TrainCheckpoints:
 
 
 def latest_train_variables(workdir, step: int | None = None, warn=print):
-    """(step, variables {"params", "buffers"}, the run's ConfigDict) from a training workdir's checkpoints:
+    """(step, variables {"params", "buffers"}, the run's ConfigDict, the class names saved with it or
+    None) from a training workdir's checkpoints:
     the newest readable one, or ``step``. For evaluation: the optimizer state is not read, and
     nothing is written (a workdir without checkpoints/ is an error, left as it is)."""
     directory = Path(workdir).absolute() / "checkpoints"
@@ -220,8 +242,10 @@ def latest_train_variables(workdir, step: int | None = None, warn=print):
                 restored = checkpoints.manager.restore(candidate, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
                 state = restored["state"]
-                config = ml_collections.ConfigDict(json.loads(restored["meta"]["config"]))
-                return candidate, {"params": state["params"], "buffers": state["buffers"]}, config
+                config = with_model_defaults(ml_collections.ConfigDict(json.loads(restored["meta"]["config"])))
+                names = restored["meta"].get("class_names")
+                return (candidate, {"params": state["params"], "buffers": state["buffers"]}, config,
+                        tuple(names) if names else None)
             except (ValueError, OSError, KeyError) as error:
                 if step is not None:
                     raise

@@ -269,7 +269,18 @@ def main(argv) -> None:
     variables = convert_file(f.input, f.output, f.config.model, source=f.source,
                              drop_class_head=f.drop_class_head, seed=f.seed)
     n = sum(x.size for x in jax.tree_util.tree_leaves(variables))
-    print(f"wrote {f.output}: {n:,} values ({f.source} weights from {f.input})")
+    print(f"wrote {f.output}: {n:,} values ({f.source} weights from {f.input})\n{assumed_architecture(f.config.model)}")
+
+
+def assumed_architecture(model) -> str:
+    """What the conversion took the file to be, for the operator to check: official files of R50 and
+    R50-DC5 (and of R101 and R101-DC5) have the same keys and shapes, so no file can tell them apart."""
+    return (f"assumed architecture (config.model, recorded in model_config.json, checked at every load): "
+            f"{model.backbone}{' DC5 (dilated last stage)' if model.dilation else ''}, "
+            f"{model.num_encoder_layers} + {model.num_decoder_layers} layers, {'pre' if model.pre_norm else 'post'}-norm, "
+            f"{model.num_queries} queries, {model.num_classes} classes. Official DC5 files have the keys and shapes "
+            f"of their non-DC5 twins: if the file is detr-r50-dc5-*.pth or detr-r101-dc5-*.pth, the --config "
+            f"variant must be r50_dc5 or r101_dc5.")
 
 
 def _define_flags() -> None:

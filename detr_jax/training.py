@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from detr_jax import checkpoint, convert, perf, periodic, pretrain, workdir_lock
+from detr_jax.errors import ConfigError
 from detr_jax.losses import compute_loss
 from detr_jax.metrics import MetricsWriter, Throughput
 from detr_jax.models import build_model, trainable_mask
@@ -103,6 +104,11 @@ def initial_variables(config, model, rng):
         path = Path(init.checkpoint)
         if path.is_dir():
             saved, saved_model_config = checkpoint.load_variables(path)
+            differences = checkpoint.model_differences(saved_model_config, config.model,
+                                                       ignore=("num_classes",) if init.drop_class_head else ())
+            if differences:
+                raise ConfigError(f"config.init.checkpoint = {str(path)!r} was converted for another model: "
+                                  f"{checkpoint.format_changes(differences)} (converted -> config.model)")
             state_dict = convert.to_official_state_dict(saved, saved_model_config)
         else:
             state_dict = convert.load_state_dict_file(path)
@@ -281,7 +287,8 @@ def make_actions(run: Run, programs) -> list[periodic.Action]:
     train, sizes = run.config.train, run.sizes
     last_good = lambda: (str(run.checkpoints.directory / str(run.checkpoints.steps()[-1]))
                          if run.checkpoints.steps() else None)
-    meta = lambda step: {"step": step, "data_position": step, "seed": train.seed, "config": run.config.to_json()}
+    meta = lambda step: {"step": step, "data_position": step, "seed": train.seed, "config": run.config.to_json(),
+                         "class_names": list(run.source.info.class_names)}
     actions = [periodic.LogMetrics(train.log_every_steps, MetricsWriter(run.workdir, "train"),
                                    Throughput(run.start, sizes.total_steps, sizes.global_batch), sizes.steps_per_epoch,
                                    _log, train.on_nonfinite == "stop", last_good, sizes.total_steps, programs),

@@ -4,13 +4,18 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import REPO, TINY, tiny_config
 from detr_jax import build_model
 from detr_jax.checkpoint import load_variables
+from detr_jax.config import init_config
 from detr_jax.convert import to_official_state_dict
+from detr_jax.errors import ConfigError
+from detr_jax.evaluation.checkpoints import load_for_eval
+from detr_jax.training import initial_variables
 
 
 def run(*args):
@@ -47,6 +52,8 @@ def test_convert_official_checkpoint(tmp_path, tiny_official):
                  f"--input={path}", f"--output={out}")
     assert result.returncode == 0, result.stderr
     assert f"wrote {out}" in result.stdout
+    assert ("assumed architecture (config.model, recorded in model_config.json, checked at every load): resnet_tiny, "
+            "2 + 3 layers, post-norm, 10 queries, 5 classes.") in result.stdout
     variables, model_config = load_variables(out)
     assert model_config.backbone == "resnet_tiny" and model_config.num_classes == 5
     got = build_model(model_config).apply(variables, *inputs)
@@ -54,7 +61,14 @@ def test_convert_official_checkpoint(tmp_path, tiny_official):
     # never overwrites
     again = run("-m", "detr_jax.convert", "--config=configs/detr_coco.py:r50", *tiny_overrides(),
                 f"--input={path}", f"--output={out}")
-    assert again.returncode != 0 and "already exists" in again.stderr
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    # the same weights taken for another variant (DC5 has the same keys and shapes): refused at load
+    dc5 = tiny_config(dilation=True)
+    with pytest.raises(ConfigError, match=r"converted for another model than --config's: dilation False -> True"):
+        load_for_eval(str(out), workdir=tmp_path, model_config=dc5)
+    config = ml_collections.ConfigDict({"model": dc5, "init": init_config(checkpoint=str(out))})
+    with pytest.raises(ConfigError, match=r"was converted for another model: dilation False -> True"):
+        initial_variables(config, build_model(dc5), jax.random.PRNGKey(0))
 
 
 def test_convert_errors_and_fine_tuning(tmp_path, tiny_official):

@@ -54,7 +54,7 @@ def write_dataset(root):
         (1, [0, 0, 30, 30], 1, 1), (1, [1, 1, 5, 5], 99, 0),  # crowd, unknown category
         (2, [1, 1, 5, 5], 1, 0), (3, [1, 1, 5, 5], 1, 0), (4, [1, 1, 5, 5], 1, 0),
         (5, [4, 5, 10, 20], 1, 0), (6, [4, 5, 10, 20], 1, 0), (7, [4, 5, 10, 20], 1, 0),
-        *[(9, b, 1, 0) for b in MANY], (10, [8, 6, 40, 30], 2, 0),
+        *[(9, b, 1, 0) for b in MANY], (10, [8, 6, 40, 30], 2, 0), (1, [float("nan"), 10, 20, 20], 1, 0),
     ]
     annotations = [{"id": k + 1, "image_id": i, "bbox": b, "category_id": c, "iscrowd": crowd}
                    for k, (i, b, c, crowd) in enumerate(boxes)]
@@ -94,12 +94,13 @@ def eval_examples(cfg):
 def test_annotation_problems_are_counted_and_named(bad):
     source = load_dataset(bad, "train", process_index=0, process_count=1)
     counts, examples = source.report.counts, source.report.examples
-    assert counts == {"missing_image": 1, "unknown_category": 1, "degenerate_box": 2, "outside_box": 1,
+    assert counts == {"missing_image": 1, "unknown_category": 1, "degenerate_box": 3, "outside_box": 1,
                       "clipped_box": 1, "crowd_excluded": 1, "over_max_boxes": 3}
     assert examples["missing_image"][0].endswith("missing.jpg")
     assert "good.jpg (image id 1) annotation id 7: category_id 99" in examples["unknown_category"][0]
     assert examples["degenerate_box"] == ["good.jpg (image id 1) annotation id 2",
-                                          "good.jpg (image id 1) annotation id 3"]
+                                          "good.jpg (image id 1) annotation id 3",
+                                          "good.jpg (image id 1) annotation id 23"]
     assert "many.png (image id 9): 8 boxes" in examples["over_max_boxes"][0]
     assert "missing_image: 1" in source.report.summary()
     assert "missing.jpg" not in source.records.file_name  # left out; the others are kept, even the empty one
@@ -110,6 +111,17 @@ def test_annotation_problems_are_counted_and_named(bad):
     many = list(source.records.file_name).index("many.png")
     kept = t.boxes[t.splits[many]:t.splits[many + 1]]
     np.testing.assert_array_equal(kept, [[x, y, x + w, y + h] for x, y, w, h in MANY[3:]])  # the five largest
+
+
+def test_evaluation_ground_truth_leaves_out_what_training_leaves_out(bad):
+    """The NaN, zero-size and outside boxes are not in the ground truth given to pycocotools (a NaN
+    box used to match any detection of the same y, w, h); crowd and clipped boxes stay as given."""
+    source = load_dataset(bad, "val", process_index=0, process_count=1)
+    by_id = {a["id"]: a for a in source.ground_truth()["annotations"]}
+    assert not {2, 3, 4, 23} & by_id.keys()
+    assert by_id[6]["iscrowd"] == 1 and by_id[5]["bbox"] == [70, 50, 20, 20] and by_id[1]["bbox"] == [10, 10, 20, 20]
+    assert all(np.isfinite(a["bbox"]).all() for a in by_id.values())
+    assert source.report.counts["degenerate_box"] == 3 and source.report.counts["outside_box"] == 1
 
 
 def test_unknown_category_error_names_file_and_annotation(bad):

@@ -36,9 +36,13 @@ def small_synthetic(root, num_val, **sizes):
                        train_scales=(64,), max_boxes=12, **sizes)
 
 
+SAVED_NAMES = ("class 0", "red", "blue", "green", "cyan", "pink")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A workdir with two training checkpoints (steps 5 and 9) of the tiny model, as training writes them."""
+    """A workdir with two training checkpoints (steps 5 and 9) of the tiny model, as training writes
+    them; their class names (SAVED_NAMES) are not the synthetic dataset's."""
     workdir = tmp_path_factory.mktemp("run")
     config = ml_collections.ConfigDict()
     config.model = tiny_config(num_classes=6)
@@ -50,7 +54,7 @@ def tiny_run(tmp_path_factory):
     for step in (5, 9):
         state = {"step": np.int32(step), "params": variables["params"], "buffers": variables["buffers"],
                  "opt_state": {"count": np.int32(step)}, "skipped": np.int32(0)}
-        checkpoints.save(step, state, {"step": step, "config": config.to_json()})
+        checkpoints.save(step, state, {"step": step, "config": config.to_json(), "class_names": list(SAVED_NAMES)})
     checkpoints.close()
     return workdir, config, variables
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from detr_jax.checkpoint import TrainCheckpoints
+from detr_jax.checkpoint import TrainCheckpoints, latest_train_variables
+from detr_jax.data.synthetic import CLASSES
 
 TINY = "configs/synthetic.py:tiny"
 
@@ -68,6 +69,7 @@ def test_train_checkpoint_events_preemption_and_exact_resume(tmp_path, data_dir)
         assert all(np.isfinite(e[key]) for e in evals), key
     assert "batch: 4 per device, 4 per host, 4 global" in out and "finished at step 8" in out
     assert sorted(os.listdir(straight / "checkpoints")) == ["4", "8"]
+    assert latest_train_variables(straight)[3] == CLASSES  # the class names go with the checkpoint
     events = list((straight / "tensorboard" / "train").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     history = read_history(straight)

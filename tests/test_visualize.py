@@ -18,7 +18,7 @@ from detr_jax.data.image_files import find_images
 from detr_jax.visualize.detect import (class_names, coco_class_names, detect_checkpoint, output_names, parse_pixels,
                                       select_detections)
 from detr_jax.visualize.plots import curves_figure, load_runs, plot_runs, read_history, summary_table
-from test_eval_cli import tiny_run  # noqa: F401  (a fixture: a workdir with training checkpoints)
+from test_eval_cli import SAVED_NAMES, tiny_run  # noqa: F401  (a fixture: a workdir with training checkpoints)
 from test_eval_pipeline import numpy_variables
 from test_model import canvas
 
@@ -143,6 +143,9 @@ def test_class_names():
     assert class_names(91) == coco
     assert class_names(3) == ["class 0", "class 1", "class 2"]
     assert class_names(2, override=["cat", "dog"]) == ["cat", "dog"]
+    assert class_names(2, saved=("red", "")) == ["red", "class 1"]  # a training checkpoint's, before COCO's
+    assert class_names(91, saved=["x"] * 91) == ["x"] * 91
+    assert class_names(2, override=["cat", "dog"], saved=("red", "blue")) == ["cat", "dog"]
     with pytest.raises(ValueError, match="3 names; the model has 2 classes"):
         class_names(2, override=["a", "b", "c"])
     assert output_names(["x/a.jpg", "y/a.png", "b.jpg"]) == ["a", "a_2", "b"]
@@ -194,8 +197,9 @@ def test_detect_help():
 
 
 def test_detect_on_synthetic_images(tiny_run, tmp_path):  # noqa: F811
-    """A training workdir's latest checkpoint on its synthetic val folder: detections.json, the drawn
-    images (each box where the json says), both attention figures."""
+    """A training workdir's latest checkpoint on its synthetic val folder: detections.json, with the
+    class names saved with the checkpoint, the drawn images (each box where the json says), both
+    attention figures."""
     workdir, _, _ = tiny_run
     out = tmp_path / "out"
     result = run_module("detr_jax.detect", f"--workdir={workdir}", f"--images={workdir / 'data' / 'val'}",
@@ -204,7 +208,7 @@ def test_detect_on_synthetic_images(tiny_run, tmp_path):  # noqa: F811
     assert result.returncode == 0, result.stderr[-3000:]
     assert "detect: 6/6 images" in result.stdout
     found = json.loads((out / "detections.json").read_text())
-    assert found["class_names"] == ["class 0", "circle", "square", "triangle", "cross", "ring"]
+    assert found["class_names"] == list(SAVED_NAMES)  # the checkpoint's, not those of the config's dataset
     assert len(found["images"]) == 6 and found["topk"] == 1
     for entry in found["images"]:
         name = entry["file"].rsplit("/", 1)[1].rsplit(".", 1)[0]

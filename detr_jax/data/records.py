@@ -142,13 +142,10 @@ class Targets:
     splits: np.ndarray
 
 
-def clean_targets(records: Records, info: DatasetInfo, max_boxes: int, policy: str, report: Report) -> Targets:
-    """The training targets of ``records``, as official DETR prepares them, every change counted.
-
-    Left out: crowd annotations, boxes with width or height <= 0 or not finite, boxes entirely outside
-    the image; clipped: boxes reaching outside; beyond ``max_boxes`` per image: the smallest boxes
-    (policy 'keep_largest') or an error naming the images (policy 'error').
-    """
+def box_checks(records: Records) -> dict:
+    """Per annotation [A]: "crowd", "degenerate" (width or height <= 0, or not finite), "clipped"
+    (reaching outside the image; not degenerate), "outside" (entirely outside) bool masks, and
+    "boxes" [A, 4] (x0, y0, x1, y1) clipped to the image."""
     owner = records.ann_owner()
     x, y, w, h = records.bbox.T
     h_img, w_img = (records.orig_size[owner, i].astype(np.float64) for i in (0, 1))
@@ -159,10 +156,24 @@ def clean_targets(records: Records, info: DatasetInfo, max_boxes: int, policy: s
         clipped = np.clip(xyxy, 0.0, np.stack([w_img, h_img, w_img, h_img], 1))
         moved = ~crowd & ~degenerate & (clipped != xyxy).any(1)
         outside = moved & ~((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
-    keep = ~crowd & ~degenerate & ~outside
-    for kind, mask in (("crowd_excluded", crowd), ("degenerate_box", degenerate),
-                       ("clipped_box", moved & ~outside), ("outside_box", outside)):
-        rows = np.flatnonzero(mask)
+    return {"crowd": crowd, "degenerate": degenerate, "clipped": moved & ~outside, "outside": outside,
+            "boxes": clipped}
+
+
+def clean_targets(records: Records, info: DatasetInfo, max_boxes: int, policy: str, report: Report) -> Targets:
+    """The training targets of ``records``, as official DETR prepares them, every change counted.
+
+    Left out: crowd annotations, boxes with width or height <= 0 or not finite, boxes entirely outside
+    the image; clipped: boxes reaching outside; beyond ``max_boxes`` per image: the smallest boxes
+    (policy 'keep_largest') or an error naming the images (policy 'error').
+    """
+    owner = records.ann_owner()
+    checks = box_checks(records)
+    clipped = checks["boxes"]
+    keep = ~checks["crowd"] & ~checks["degenerate"] & ~checks["outside"]
+    for kind, mask in (("crowd_excluded", "crowd"), ("degenerate_box", "degenerate"), ("clipped_box", "clipped"),
+                       ("outside_box", "outside")):
+        rows = np.flatnonzero(checks[mask])
         report.add(kind, len(rows), [records.describe(a) for a in rows[:5]])
 
     keep = _limit_boxes(records, owner, keep, clipped, max_boxes, policy, report)
@@ -193,15 +204,20 @@ def _limit_boxes(records, owner, keep, boxes, max_boxes, policy, report):
 
 
 def coco_ground_truth(records: Records, info: DatasetInfo) -> dict:
-    """A COCO instances dict (images, annotations with crowd, categories with true ids) for pycocotools."""
+    """A COCO instances dict (images, annotations with crowd, categories with true ids) for
+    pycocotools. The annotations training leaves out as unusable (degenerate or entirely outside
+    boxes, counted in the source's report) are left out here too: pycocotools would match a NaN
+    box. Boxes reaching outside the image are kept as given, as official evaluation reads them."""
     owner = records.ann_owner()
+    checks = box_checks(records)
+    usable = ~checks["degenerate"] & ~checks["outside"]
     categories = [{"id": int(c), "name": n} for c, n in zip(info.label_to_category_id, info.class_names) if c >= 0]
     return {
         "images": [{"id": int(i), "file_name": str(f), "height": int(s[0]), "width": int(s[1])}
                    for i, f, s in zip(records.image_id, records.file_name, records.orig_size)],
         "annotations": [{"id": int(a), "image_id": int(records.image_id[o]), "category_id": int(c),
                          "bbox": [float(v) for v in b], "area": float(ar), "iscrowd": int(cr)}
-                        for a, o, c, b, ar, cr in zip(records.ann_id, owner, records.category_id, records.bbox,
-                                                      records.area, records.iscrowd)],
+                        for a, o, c, b, ar, cr, u in zip(records.ann_id, owner, records.category_id, records.bbox,
+                                                         records.area, records.iscrowd, usable) if u],
         "categories": categories,
     }

@@ -10,9 +10,11 @@ KINDS = {
     "unreadable_image": "image could not be read or decoded: replaced by a filler (example_valid False)",
     "size_mismatch": "decoded image size differs from the annotation: resampled to the annotated frame",
     "unknown_category": "annotation with a category id not in 'categories': annotation left out",
-    "degenerate_box": "box with width or height <= 0 (or not finite): annotation left out of the targets",
+    "degenerate_box": "box with width or height <= 0 (or not finite): annotation left out of the targets and "
+                      "the evaluation ground truth",
     "clipped_box": "box reaching outside the image: clipped to the image",
-    "outside_box": "box entirely outside the image: annotation left out of the targets",
+    "outside_box": "box entirely outside the image: annotation left out of the targets and the evaluation "
+                   "ground truth",
     "crowd_excluded": "iscrowd annotation: left out of the targets (kept in the ground truth)",
     "over_max_boxes": "more objects than max_boxes: the smallest boxes left out of the targets",
     "shrunk_to_bucket": "resized image larger than every bucket: scaled down to fit one",

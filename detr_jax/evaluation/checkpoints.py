@@ -11,7 +11,7 @@ from pathlib import Path
 
 import ml_collections
 
-from detr_jax.config import eval_config, loss_config, model_config as default_model_config
+from detr_jax.config import eval_config, loss_config
 from detr_jax.errors import ConfigError
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".npz")
@@ -41,12 +41,7 @@ class Loaded:
     step: int | None  # training step, for a training checkpoint
     name: str  # for messages and the eval directory of a checkpoint without a step
     run_config: ml_collections.ConfigDict | None  # the training run's config, for a training checkpoint
-
-
-def with_defaults(saved_model_config) -> ml_collections.ConfigDict:
-    """A saved config.model with the fields added since it was written set to their defaults (e.g.
-    ``padding``: "exact")."""
-    return default_model_config(**saved_model_config.to_dict())
+    class_names: tuple[str, ...] | None = None  # of the dataset it was trained on, for a training checkpoint
 
 
 def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_config=None, warn=print) -> Loaded:
@@ -56,15 +51,20 @@ def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_co
     from detr_jax import convert
 
     if not checkpoint:
-        found_step, variables, run_config = ckpt.latest_train_variables(workdir, step, warn=warn)
-        return Loaded(variables, with_defaults(run_config.model), found_step, f"step {found_step} of {workdir}",
-                      run_config)
+        found_step, variables, run_config, names = ckpt.latest_train_variables(workdir, step, warn=warn)
+        return Loaded(variables, run_config.model, found_step, f"step {found_step} of {workdir}",
+                      run_config, names)
     path = Path(checkpoint)
     if step is not None:
         raise ConfigError(f"--step selects a training checkpoint of the workdir; it cannot go with --checkpoint={path}")
     if path.is_dir():
         variables, saved_config = ckpt.load_variables(path)
-        return Loaded(variables, with_defaults(saved_config), None, path.name, None)
+        differences = ckpt.model_differences(saved_config, model_config) if model_config else []
+        if differences:
+            raise ConfigError(f"{path} was converted for another model than --config's: {ckpt.format_changes(differences)} "
+                              f"(converted -> --config). Pass the config it was converted with (its "
+                              f"model_config.json), or convert the original file again with this --config")
+        return Loaded(variables, saved_config, None, path.name, None)
     if path.suffix not in OFFICIAL_SUFFIXES:
         raise FileNotFoundError(f"{path}: expected a variables directory (python -m detr_jax.convert) or an official "
                                 f"DETR checkpoint file ({', '.join(OFFICIAL_SUFFIXES)})")

@@ -157,8 +157,7 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         if cfg.backbone not in BACKBONES:
             raise ValueError(f"config.model.backbone = {cfg.backbone!r}; expected one of {', '.join(BACKBONES)} "
                              "or 'custom' (with build_model(..., backbone=module))")
-        # A performance switch, not part of the model: configs saved before it existed mean "auto".
-        conv_impl = resolve_conv_impl(cfg.get("conv_impl", "auto"), BACKBONES[cfg.backbone].block)
+        conv_impl = resolve_conv_impl(cfg.conv_impl, BACKBONES[cfg.backbone].block)
         backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, norm=cfg.backbone_norm, dtype=dtype,
                           remat=cfg.remat in ("backbone", "all"), conv_impl=conv_impl)
     check_padding(cfg.padding, backbone)

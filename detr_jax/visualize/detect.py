@@ -31,18 +31,21 @@ def coco_class_names() -> list[str]:
     return [name or "N/A" for name in make_info(COCO_CATEGORIES, "category_id", 0).class_names]
 
 
-def class_names(num_classes: int, data_config=None, override=()) -> list[str]:
+def class_names(num_classes: int, data_config=None, override=(), saved=None) -> list[str]:
     """A name per class index 0..num_classes-1.
 
-    ``override`` (one name per class) wins; else COCO's names for a COCO model (91 classes); else
-    the category names of ``data_config``'s dataset (its val split's annotations); 'class i' where
-    none is known.
+    ``override`` (one name per class) wins; else ``saved``, the names a training checkpoint keeps of
+    the dataset it was trained on; else COCO's names for a COCO model (91 classes); else the
+    category names of ``data_config``'s dataset (its val split's annotations); 'class i' where none
+    is known.
     """
     if override:
         if len(override) != num_classes:
             raise ConfigError(f"--class_names has {len(override)} names; the model has {num_classes} classes")
         return list(override)
-    if num_classes == COCO_NUM_CLASSES:
+    if saved:
+        known = list(saved)
+    elif num_classes == COCO_NUM_CLASSES:
         known = coco_class_names()
     elif data_config is not None:
         from detr_jax.data import load_dataset
@@ -187,7 +190,7 @@ def detect_checkpoint(config, images, output, *, workdir=None, checkpoint: str =
     data_config = data_config_for(config, loaded)
     padding = padding or eval_settings(config if config is not None else loaded.run_config).padding
     paths = find_images(images) if isinstance(images, str) else list(images)
-    names = class_names(loaded.model_config.num_classes, data_config, class_names_override)
+    names = class_names(loaded.model_config.num_classes, data_config, class_names_override, loaded.class_names)
     log(f"detecting with {loaded.name} ({loaded.model_config.backbone}, {loaded.model_config.num_classes} classes) "
         f"on {len(paths)} images, eval size {data_config.eval_size} / {data_config.eval_max_size}")
     return detect(build_model(loaded.model_config), loaded.variables, data_config, paths, output, names=names,
