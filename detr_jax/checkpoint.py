@@ -170,7 +170,7 @@ class TrainCheckpoints:
                      "falling back to an earlier one")
                 unreadable.append(step)
                 continue
-            changes = config_changes(saved_config, config)
+            changes = config_changes(saved_config, with_model_defaults(config))
             model_changes = [c for c in changes if _is_model_change(c[0])]
             mismatch = tree_mismatch(saved_tree, abstract_state)
             if model_changes or mismatch:

@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("xla", "fused")
 REMATS = ("none", "transformer", "backbone", "all")
 PADDINGS = ("exact", "official")
+ON_NONFINITE = ("stop", "skip")
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:

@@ -25,8 +25,6 @@ import numpy as np
 
 from detr_jax.metrics import format_duration, mean_metrics
 
-ON_NONFINITE = ("stop", "skip")  # config.train.on_nonfinite
-
 
 @dataclasses.dataclass
 class StepEnd:

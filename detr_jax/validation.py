@@ -9,17 +9,17 @@ what is absent is not checked.
 """
 import numbers
 
-from detr_jax.config import (ACTIVATIONS, ATTENTIONS, DTYPES, FFN_TYPES, NORMS, PADDINGS, POSITION_EMBEDDINGS,
-                             REMATS)
+from detr_jax.config import (ACTIVATIONS, ATTENTIONS, DTYPES, FFN_TYPES, NORMS, ON_NONFINITE, PADDINGS,
+                             POSITION_EMBEDDINGS, REMATS)
 from detr_jax.data.records import LABEL_MAPPINGS, MAX_BOXES_POLICIES
-from detr_jax.data.source import SOURCES, SPLITS, UNKNOWN_CATEGORY_POLICIES
+from detr_jax.data.registry import SOURCES
+from detr_jax.data.source import SPLITS, UNKNOWN_CATEGORY_POLICIES
 from detr_jax.errors import ConfigError
 from detr_jax.losses import CLASSIFICATIONS
 from detr_jax.matching import METHODS as MATCHERS
 from detr_jax.models.conv import CONV_IMPLS
 from detr_jax.models.resnet import BACKBONES, NORMS as BACKBONE_NORMS
 from detr_jax.optim import SCHEDULES
-from detr_jax.periodic import ON_NONFINITE
 
 
 def one_of(*allowed):

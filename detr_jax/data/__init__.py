@@ -18,8 +18,9 @@ from detr_jax.data.buckets import default_buckets, padding_fraction
 from detr_jax.data.pipeline import (Batches, bucket_list, eval_batches, steps_per_epoch, train_batches,
                                     train_host_batch)
 from detr_jax.data.records import DatasetInfo
+from detr_jax.data.registry import load_dataset
 from detr_jax.data.report import Report
-from detr_jax.data.source import Source, load_dataset
+from detr_jax.data.source import Source
 
 __all__ = ["Batches", "DatasetInfo", "Report", "Source", "bucket_list", "default_buckets",
            "eval_batches", "load_dataset", "padding_fraction", "steps_per_epoch", "train_batches",

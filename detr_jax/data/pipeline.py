@@ -43,7 +43,8 @@ import numpy as np
 import tensorflow as tf
 
 from detr_jax.data.buckets import assign_buckets, check_buckets, default_buckets
-from detr_jax.data.source import Source, load_dataset, resolve_host
+from detr_jax.data.registry import load_dataset
+from detr_jax.data.source import Source, resolve_host
 from detr_jax.data.transforms import (NUM_DRAWS, Params, decode_rgb, eval_params, normalize_and_pad, resample_image,
                                       safely, train_params, transform_boxes, uniforms)
 from detr_jax.errors import ConfigError

@@ -1,7 +1,8 @@
 """A split of a dataset as one host reads it: records, targets, info, report, and the image order.
 
-``load_dataset(data_config, split)`` returns a ``Source``; the pipeline (``pipeline.py``) asks it
-in which order the images of an epoch arrive and for their encoded bytes. Two kinds:
+``Source`` is the base of every kind (``registry.load_dataset(data_config, split)`` returns one);
+the pipeline (``pipeline.py``) asks it in which order the images of an epoch arrive and for their
+encoded bytes.
 
 An epoch's order is the same on every host (the global batch schedule of ``pipeline.py`` then
 gives each host its share of every batch). Two kinds:
@@ -16,14 +17,12 @@ import abc
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
 
 from detr_jax.data.records import DatasetInfo, Records, Targets, coco_ground_truth
 from detr_jax.data.report import Report
 from detr_jax.data.transforms import uniforms
 
 SPLITS = ("train", "val")
-SOURCES = ("synthetic", "coco_json", "tfds")
 UNKNOWN_CATEGORY_POLICIES = ("error", "skip")
 
 
@@ -73,24 +72,3 @@ def resolve_host(process_index: int | None, process_count: int | None) -> tuple[
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is not in [0, process_count = {process_count})")
     return process_index, process_count
-
-
-def load_dataset(data_config, split: str, *, process_index: int | None = None,
-                 process_count: int | None = None) -> Source:
-    """The ``split`` ('train' or 'val') of the dataset ``data_config`` describes, for one host.
-
-    process_index / process_count default to ``jax.process_index()`` / ``jax.process_count()``.
-    Annotation problems are counted in ``source.report`` (and logged); a file that is not COCO raises
-    a ValueError naming the file and the field.
-    """
-    from detr_jax.data import coco_json, synthetic, tfds_coco
-
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r}; expected one of {', '.join(SPLITS)}")
-    process_index, process_count = resolve_host(process_index, process_count)
-    if data_config.source == "synthetic":
-        synthetic.ensure_synthetic(synthetic.default_dir(data_config), synthetic.spec_of(data_config))
-    loader = tfds_coco.load if data_config.source == "tfds" else coco_json.load
-    source = loader(data_config, split, process_index, process_count)
-    logging.info("%s", source.report.summary())
-    return source

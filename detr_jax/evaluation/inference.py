@@ -25,7 +25,7 @@ TARGET_KEYS = ("labels", "boxes", "box_valid", "example_valid")  # the batch fie
 class Predictor:
     """``predictor(variables, image [B, H, W, 3], padding_mask [B, H, W], orig_size [B, 2], targets)`` ->
     ``postprocess`` output (scores [B, K], labels [B, K], boxes [B, K, 4], queries [B, K]),
-    jit-compiled. With ``attention``, also the attention maps of ``visualize.attention.attention_maps``
+    jit-compiled. With ``attention``, also the attention maps of ``models.attention_maps.attention_maps``
     (decoder_attention [B, K, h*w], encoder_attention [B, h*w, h*w], feature_mask [B, h, w]); without
     it, the model sows nothing and the program is the plain forward pass. With ``loss_config``
     (frozen), also "loss_sums": {term: [2] (numerator, denominator)} of ``losses.loss_sums`` on
@@ -40,7 +40,7 @@ class Predictor:
         self._jitted = jax.jit(self._forward)
 
     def _forward(self, variables, image, padding_mask, orig_size, targets):
-        from detr_jax.visualize.attention import SOWN, attention_maps
+        from detr_jax.models.attention_maps import SOWN, attention_maps
 
         self.traces += 1  # Python side effect: runs at trace time only
         if self.attention:

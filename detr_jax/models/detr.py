@@ -10,7 +10,7 @@ normalised) and padding_mask [B, H, W] bool (True = padding) returns
 With ``mutable=["intermediates"]`` it also sows backbone_features [B, h, w, C], feature_mask
 [B, h, w], pos [B, h, w, d], proj_src [B, h, w, d], memory [B, h, w, d] and hs [L, B, Q, d].
 With ``mutable=["attention"]`` every attention module sows its softmax weights [B, heads, Lq, Lk]
-(``detr_jax.visualize.attention`` reads the last layers' maps out of them).
+(``detr_jax.models.attention_maps`` reads the last layers' maps out of them).
 """
 from typing import Any
 
