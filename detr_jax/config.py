@@ -138,6 +138,11 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         official DETR) or "contiguous" (label = index in the sorted category ids).
       unknown_category: an annotation whose category id is not in 'categories': "error" or "skip".
       max_boxes: target slots per image (boxes padded to it, with box_valid).
+      exif: a JPEG's EXIF orientation tag where the annotated size cannot tell the annotation's
+        frame (a square image, or a tag that keeps the size): "ignore" (the stored pixels, as COCO and
+        official DETR read them) or "apply" (the displayed frame). Where it can tell, the annotated
+        size decides: the displayed size turns the image, the stored size keeps it. Each case is
+        counted in the data report (exif_applied, exif_ignored, exif_by_setting).
       max_boxes_policy: an image with more objects: "keep_largest" (the smallest are left out and
         counted) or "error".
       flip_prob: chance of a horizontal flip (train).
@@ -174,6 +179,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         unknown_category="error",
         max_boxes=100,
         max_boxes_policy="keep_largest",
+        exif="ignore",
         flip_prob=0.5,
         crop_prob=0.5,
         train_scales=(480, 512, 544, 576, 608, 640, 672, 704, 736, 768, 800),

@@ -14,6 +14,7 @@ from detr_jax.config import (ACTIVATIONS, ATTENTIONS, DTYPES, FFN_TYPES, NORMS, 
 from detr_jax.data.records import LABEL_MAPPINGS, MAX_BOXES_POLICIES
 from detr_jax.data.registry import SOURCES
 from detr_jax.data.source import SPLITS, UNKNOWN_CATEGORY_POLICIES
+from detr_jax.data.transforms import EXIF_POLICIES
 from detr_jax.errors import ConfigError
 from detr_jax.losses import CLASSIFICATIONS
 from detr_jax.matching import METHODS as MATCHERS
@@ -63,7 +64,7 @@ FIELDS = {
         classification=one_of(*CLASSIFICATIONS), focal_alpha=PROBABILITY, focal_gamma=WEIGHT),
     "data": dict(
         source=one_of(*SOURCES), eval_split=one_of(*SPLITS), label_mapping=one_of(*LABEL_MAPPINGS),
-        unknown_category=one_of(*UNKNOWN_CATEGORY_POLICIES), max_boxes_policy=one_of(*MAX_BOXES_POLICIES),
+        unknown_category=one_of(*UNKNOWN_CATEGORY_POLICIES), exif=one_of(*EXIF_POLICIES), max_boxes_policy=one_of(*MAX_BOXES_POLICIES),
         synthetic_num_train=POSITIVE, synthetic_num_val=POSITIVE, synthetic_max_objects=POSITIVE,
         max_boxes=POSITIVE, flip_prob=PROBABILITY, crop_prob=PROBABILITY, train_scales=sizes(),
         train_max_size=POSITIVE, crop_resize_scales=sizes(), crop_min_size=POSITIVE, crop_max_size=POSITIVE,

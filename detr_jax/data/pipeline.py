@@ -45,8 +45,9 @@ import tensorflow as tf
 from detr_jax.data.buckets import assign_buckets, check_buckets, default_buckets
 from detr_jax.data.registry import load_dataset
 from detr_jax.data.source import Source, resolve_host
-from detr_jax.data.transforms import (NUM_DRAWS, Params, decode_rgb, eval_params, normalize_and_pad, resample_image,
-                                      safely, train_params, transform_boxes, uniforms)
+from detr_jax.data.transforms import (EXIF_APPLIED, EXIF_BY_SETTING, EXIF_IGNORED, EXIF_NONE, NUM_DRAWS, Params,
+                                      decode_rgb, eval_params, exif_orient, exif_orientation, normalize_and_pad,
+                                      resample_image, safely, train_params, transform_boxes, uniforms)
 from detr_jax.errors import ConfigError
 
 CHUNK = 1024  # plan rows handed to tf.data at a time (a tfds source hands its shuffle window)
@@ -246,13 +247,18 @@ def _plan_chunks(plans, source: Source, max_boxes: int, chunk: int):
             yield plan.rows(read[start:start + chunk], source, max_boxes)
 
 
-def _decode(row):
-    data = tf.cond(tf.strings.length(row["path"]) > 0, lambda: tf.io.read_file(row["path"]), lambda: row["encoded"])
-    return {**row, "pixels": decode_rgb(data), "decoded": tf.constant(True)}
+def _decoder(exif_policy: str):
+    """The tf.data function decoding a row's image, turned into its annotation's frame (``exif_orient``)."""
+    def decode(row):
+        data = tf.cond(tf.strings.length(row["path"]) > 0, lambda: tf.io.read_file(row["path"]), lambda: row["encoded"])
+        pixels, exif = exif_orient(decode_rgb(data), exif_orientation(data), row["orig_size"], exif_policy == "apply")
+        return {**row, "pixels": pixels, "decoded": tf.constant(True), "exif": exif}
+    return decode
 
 
 def _not_decoded(row):
-    return {**row, "pixels": tf.zeros([1, 1, 3], tf.uint8), "decoded": tf.constant(False)}
+    return {**row, "pixels": tf.zeros([1, 1, 3], tf.uint8), "decoded": tf.constant(False),
+            "exif": tf.constant(EXIF_NONE, tf.int32)}
 
 
 def _example(row):
@@ -269,7 +275,7 @@ def _example(row):
         "box_valid": row["box_valid"] & ok, "image_id": tf.where(ok, row["image_id"], tf.constant(-1, tf.int64)),
         "orig_size": if_ok(row["orig_size"]), "size": if_ok(row["size"]), "example_valid": ok,
         "_key": row["key"], "_index": row["index"], "_failed": ~ok & (row["index"] >= 0),
-        "_size_mismatch": ok & tf.reduce_any(tf.shape(row["pixels"])[:2] != row["orig_size"]),
+        "_size_mismatch": ok & tf.reduce_any(tf.shape(row["pixels"])[:2] != row["orig_size"]), "_exif": row["exif"],
     }
 
 
@@ -284,7 +290,8 @@ def _batches_dataset(source: Source, data_config, plans, *, train: bool, batch_s
         rows = rows.concatenate(tf.data.Dataset.from_tensor_slices(fillers))
     parallel = tf.data.AUTOTUNE if data_config.num_parallel_calls == -1 else data_config.num_parallel_calls
     examples = (rows.filter(lambda r: r["key"] >= 0)
-                .interleave(safely(_decode, _not_decoded), num_parallel_calls=parallel, deterministic=True)
+                .interleave(safely(_decoder(data_config.exif), _not_decoded), num_parallel_calls=parallel,
+                            deterministic=True)
                 .map(_example, num_parallel_calls=parallel, deterministic=True))
     batches = examples.group_by_window(key_func=lambda e: e["_key"], window_size=batch_size,
                                        reduce_func=lambda _, window: window.batch(batch_size))
@@ -318,9 +325,11 @@ class Batches:
         self._next_key += 1
         del batch["_key"]
         index, failed, mismatch = batch.pop("_index"), batch.pop("_failed"), batch.pop("_size_mismatch")
+        exif = batch.pop("_exif")
         names = self.source.records.file_name
-        self.report.add("unreadable_image", int(failed.sum()), [str(names[i]) for i in index[failed]])
-        self.report.add("size_mismatch", int(mismatch.sum()), [str(names[i]) for i in index[mismatch]])
+        for kind, cases in (("unreadable_image", failed), ("size_mismatch", mismatch), ("exif_applied", exif == EXIF_APPLIED),
+                            ("exif_ignored", exif == EXIF_IGNORED), ("exif_by_setting", exif == EXIF_BY_SETTING)):
+            self.report.add(kind, int(cases.sum()), [str(names[i]) for i in index[cases]])
         return batch
 
 

@@ -17,10 +17,14 @@ KINDS = {
                    "ground truth",
     "crowd_excluded": "iscrowd annotation: left out of the targets (kept in the ground truth)",
     "over_max_boxes": "more objects than max_boxes: the smallest boxes left out of the targets",
+    "exif_applied": "EXIF orientation tag, annotated in the displayed frame: image turned as the tag says",
+    "exif_ignored": "EXIF orientation tag, annotated in the stored frame (as COCO): tag ignored",
+    "exif_by_setting": "EXIF orientation tag the annotated size cannot confirm (square image, a flip, or neither "
+                       "size): config.data.exif followed",
     "shrunk_to_bucket": "resized image larger than every bucket: scaled down to fit one",
     "epoch_leftover": "train images in partly filled bucket batches: not in that epoch (reshuffled next epoch)",
 }
-EXPECTED = ("crowd_excluded", "epoch_leftover")  # normal with COCO: logged at info level, not as warnings
+EXPECTED = ("crowd_excluded", "epoch_leftover", "exif_ignored")  # normal with COCO: logged at info level, not as warnings
 NAMED = 5  # cases named in the log and kept in ``examples``, per kind
 
 

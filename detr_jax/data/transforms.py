@@ -205,3 +205,65 @@ def decode_rgb(data):
     return tf.cond(tf.io.is_jpeg(data),
                    lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
                    lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False))
+
+
+EXIF_POLICIES = ("ignore", "apply")  # config.data.exif, where the annotated size cannot tell
+# what exif_orient did to an image ("_exif" of a decoded row)
+EXIF_NONE, EXIF_APPLIED, EXIF_IGNORED, EXIF_BY_SETTING = range(4)
+
+
+def _orientation_of(data: bytes) -> int:
+    """The EXIF orientation tag (1..8) of an encoded image; 1 when it has none (or is not a JPEG)."""
+    import io
+
+    from PIL import Image
+
+    if data[:2] != b"\xff\xd8":
+        return 1
+    try:
+        orientation = Image.open(io.BytesIO(data)).getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a damaged header: the image decodes (or fails) on its own
+        return 1
+    return int(orientation) if orientation in range(1, 9) else 1
+
+
+def exif_orientation(data) -> tf.Tensor:
+    """Encoded image bytes (scalar string tensor) -> int32 scalar, its EXIF orientation (1: none).
+    Reads the header only (PIL, on the host)."""
+    tag = tf.py_function(lambda b: np.int32(_orientation_of(b.numpy())), [data], tf.int32)
+    return tf.ensure_shape(tag, [])
+
+
+def _transposed(pixels, orientation):
+    """pixels [h, w, 3] as shown by a viewer honouring EXIF ``orientation`` (PIL's exif_transpose)."""
+    swap = lambda p: tf.transpose(p, [1, 0, 2])
+    return tf.switch_case(orientation - 1, [
+        lambda: pixels,
+        lambda: pixels[:, ::-1],  # 2: mirrored
+        lambda: pixels[::-1, ::-1],  # 3: rotated 180
+        lambda: pixels[::-1],  # 4: flipped top to bottom
+        lambda: swap(pixels),  # 5: transposed
+        lambda: swap(pixels)[:, ::-1],  # 6: rotated 90 clockwise to show
+        lambda: swap(pixels)[::-1, ::-1],  # 7: transversed
+        lambda: swap(pixels)[::-1],  # 8: rotated 90 counter-clockwise to show
+    ])
+
+
+def exif_orient(pixels, orientation, orig_size, apply_when_unsure: bool):
+    """The image in the frame its annotation uses -> (pixels, one of EXIF_NONE/APPLIED/IGNORED/BY_SETTING).
+
+    pixels [h, w, 3] as stored in the file; orientation int32 scalar (``exif_orientation``);
+    orig_size [2] the annotated (h, w). A tag is applied when the annotated size is the displayed
+    (EXIF-transposed) size and not the stored one, as labelling tools that honour EXIF write; it is
+    ignored when the annotated size is the stored size and not the displayed one, as in COCO;
+    otherwise (a square image, a tag that keeps the size, or neither size) ``apply_when_unsure``
+    (config.data.exif == "apply") decides.
+    """
+    stored = tf.shape(pixels)[:2]
+    shown = tf.where(orientation >= 5, stored[::-1], stored)
+    is_stored, is_shown = tf.reduce_all(stored == orig_size), tf.reduce_all(shown == orig_size)
+    sure = is_stored != is_shown
+    apply = (orientation > 1) & tf.where(sure, is_shown, apply_when_unsure)
+    case = tf.where(orientation == 1, EXIF_NONE,
+                    tf.where(sure, tf.where(is_shown, EXIF_APPLIED, EXIF_IGNORED), EXIF_BY_SETTING))
+    return tf.cond(apply, lambda: _transposed(pixels, orientation), lambda: pixels), case
