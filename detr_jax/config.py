@@ -39,7 +39,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         stem only; -1: nothing frozen, for a backbone trained from scratch).
       dtype: computation dtype, one of DTYPES; parameters (and so the optimizer state) are always
         float32. "bfloat16" halves activation memory and uses the bfloat16 units of GPUs and TPUs;
-        softmax, norms' statistics, the heads' outputs and the loss stay float32.
+        the attention logits and softmax, norms' statistics, the class and box heads and the loss
+        stay float32.
       attention: one of ATTENTIONS. "xla": the explicit softmax(q k^T) v (the reference; needed for
         attention dropout and attention maps); "fused": ``jax.nn.dot_product_attention`` (cuDNN flash
         attention on GPU in bfloat16, XLA's elsewhere), used where attention dropout is off (eval,

@@ -180,8 +180,7 @@ def from_official_state_dict(state_dict, model_config, *, drop_class_head: bool 
     flat = {(leaf.collection, leaf.path): _to_flax(leaf, np.asarray(state_dict[leaf.key], np.float32))
             for leaf in leaves if leaf.key in expected}
     if drop_class_head:
-        dtype = jnp.dtype(model_config.dtype)
-        head = class_head(model_config.num_classes, model_config.hidden_dim, dtype).init(
+        head = class_head(model_config.num_classes, model_config.hidden_dim).init(
             jax.random.PRNGKey(0) if rng is None else rng, jnp.zeros((1, model_config.hidden_dim)))
         for name, value in head["params"].items():
             flat[("params", ("class_embed", name))] = value

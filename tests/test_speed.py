@@ -14,7 +14,7 @@ from detr_jax import build_model, perf
 from detr_jax.config import loss_config
 from detr_jax.losses import compute_loss
 from detr_jax.models.layers import fused_implementation
-from detr_jax.models.detr import trainable_mask
+from detr_jax.models.detr import BoxMLP, class_head, trainable_mask
 
 # The tiny model with the fewest layers that still has auxiliary outputs: cheap to compile.
 SMALL = dict(num_encoder_layers=1, num_decoder_layers=2)
@@ -75,6 +75,37 @@ def test_fused_attention_matches_the_explicit_softmax(problem, monkeypatch):
     assert np.abs(bf16["pred_logits"] - reference["pred_logits"]).max() < 0.25
     assert np.abs(bf16["pred_boxes"] - reference["pred_boxes"]).max() < 0.03
     assert max_diff(bf16, reference) > 1e-4  # bfloat16 for real
+
+
+def test_bfloat16_heads_and_attention_logits_run_in_float32(problem):
+    """With dtype bfloat16 the class and box heads take the decoder output as float32 and compute
+    in float32 (the outputs equal float32 heads applied to the sown bfloat16 ``hs`` to 1e-6; bfloat16
+    heads were ~1e-2 off), and the attention logits are accumulated in float32."""
+    variables, images, mask, _ = problem
+    model = build_model(small_config(dtype="bfloat16"))
+    out, sown = jax.jit(lambda v: model.apply(v, images, mask, mutable=["intermediates"]))(variables)
+    hs = sown["intermediates"]["hs"][0]
+    assert hs.dtype == jnp.bfloat16
+    params = variables["params"]
+    logits = class_head(5, 32).apply({"params": params["class_embed"]}, hs.astype(jnp.float32))
+    boxes = jax.nn.sigmoid(BoxMLP(32).apply({"params": params["bbox_embed"]}, hs.astype(jnp.float32)))
+    np.testing.assert_allclose(out["pred_logits"], logits[-1], atol=1e-6)
+    np.testing.assert_allclose(out["pred_boxes"], boxes[-1], atol=1e-6)
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, mask))(variables).jaxpr
+    accumulated = [e for e in equations(jaxpr) if e.primitive.name == "dot_general"
+                   and e.invars[0].aval.dtype == jnp.bfloat16 and e.outvars[0].aval.dtype == jnp.float32]
+    assert len(accumulated) == ATTENTIONS_PER_FORWARD  # q k^T of every attention, bfloat16 in, float32 out
+
+
+def equations(jaxpr):
+    """Every equation of a jaxpr, those of its sub-jaxprs (jit, remat, ...) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
 
 
 def test_fused_attention_keeps_the_explicit_path_for_dropout_and_intermediates(problem, monkeypatch):

@@ -24,20 +24,19 @@ from detr_jax.models.resnet import BACKBONES, ResNet, valid_region
 from detr_jax.models.transformer import Transformer
 
 
-def class_head(num_classes: int, hidden_dim: int, dtype=jnp.float32) -> nn.Dense:
-    """The class head, hidden_dim -> num_classes + 1 logits (torch default init, as official)."""
-    return dense(num_classes + 1, hidden_dim, dtype, "class_embed")
+def class_head(num_classes: int, hidden_dim: int) -> nn.Dense:
+    """The class head, hidden_dim -> num_classes + 1 logits, float32 (torch default init, as official)."""
+    return dense(num_classes + 1, hidden_dim, jnp.float32, "class_embed")
 
 
 class BoxMLP(nn.Module):
-    """3-layer MLP, relu between layers: [..., d] -> [..., 4] (pre-sigmoid)."""
+    """3-layer MLP, relu between layers: [..., d] -> [..., 4] (pre-sigmoid), float32."""
     hidden_dim: int
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         for i, out in enumerate((self.hidden_dim, self.hidden_dim, 4)):
-            x = dense(out, x.shape[-1], self.dtype, f"layers_{i}")(x)
+            x = dense(out, x.shape[-1], jnp.float32, f"layers_{i}")(x)
             x = nn.relu(x) if i < 2 else x
         return x
 
@@ -127,8 +126,9 @@ class DETR(nn.Module):
             num_decoder_layers=self.num_decoder_layers, remat=self.remat_transformer, name="transformer",
         )(flat(src), flat(pos).astype(self.dtype), flat(mask), query_embed, train)
 
-        logits = class_head(self.num_classes, self.hidden_dim, self.dtype)(hs).astype(jnp.float32)
-        boxes = jax.nn.sigmoid(BoxMLP(self.hidden_dim, self.dtype, name="bbox_embed")(hs).astype(jnp.float32))
+        heads_in = hs.astype(jnp.float32)  # the heads run in float32 whatever the compute dtype
+        logits = class_head(self.num_classes, self.hidden_dim)(heads_in)
+        boxes = jax.nn.sigmoid(BoxMLP(self.hidden_dim, name="bbox_embed")(heads_in))
         for name, value in (("backbone_features", features), ("feature_mask", mask), ("pos", pos),
                             ("proj_src", src), ("memory", memory.reshape(b, h, w, d)), ("hs", hs)):
             self.sow("intermediates", name, value)

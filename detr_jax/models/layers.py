@@ -137,7 +137,7 @@ class MultiHeadAttention(nn.Module):
 
     def explicit(self, q, k, v, key_padding_mask, train):
         """The reference path: q, k, v [B, L, heads, head_dim] -> [B, Lq, heads, head_dim]."""
-        logits = jnp.einsum("bqhc,bkhc->bhqk", q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
+        logits = jnp.einsum("bqhc,bkhc->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
         logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if not self.is_initializing():  # init returns variables only (it makes every collection mutable)
