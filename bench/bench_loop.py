@@ -4,7 +4,7 @@ agreement, an asynchronous checkpoint save (train.py's) and, for comparison, a s
 The step is train.py's (``make_train_step`` under ``jax.pmap``, state donated) at the official R50
 model size (its parameters and AdamW state: about 41M parameters, 0.5 GB). Each timed unit is two
 steps; in the save modes the save train.py does after a step comes between them: the state copied
-to the host (``unreplicate``) and handed to ``TrainCheckpoints.save``. An asynchronous save writes
+to the host (``first_local``) and handed to ``TrainCheckpoints.save``. An asynchronous save writes
 in the background while the second step runs (on a 2-core CPU the two share the cores), and is
 waited for, untimed, before the next unit; the synchronous one waits for the files in the unit.
 In the agreement mode the second step is dispatched after ``Preemption.agreed`` has read the first
@@ -29,7 +29,8 @@ from detr_jax import build_model
 from detr_jax.checkpoint import TrainCheckpoints
 from detr_jax.periodic import Preemption
 from detr_jax.optim import make_optimizer
-from detr_jax.training import AXIS, TrainState, make_train_step, replicate_on_devices, shard, unreplicate
+from detr_jax.parallel import AXIS, first_local, replicate_on_devices, shard
+from detr_jax.training import TrainState, make_train_step
 
 MODES = ("none", "agree", "async", "sync")
 
@@ -74,7 +75,7 @@ def main(argv=None):
                 if mode == "agree":
                     preemption.agreed(metrics)
                 elif mode != "none":
-                    savers[mode].save(round_, unreplicate(state), {"step": round_})
+                    savers[mode].save(round_, first_local(state), {"step": round_})
                     if mode == "sync":
                         savers[mode].wait()
                 state, metrics = p_step(state, batch, rng, flag)

@@ -47,7 +47,8 @@ from detr_jax.losses import compute_loss
 from detr_jax.matching import match
 from detr_jax.models import trainable_mask
 from detr_jax.optim import make_optimizer
-from detr_jax.training import AXIS, TrainState, batch_targets, make_train_step, replicate_on_devices, shard
+from detr_jax.parallel import AXIS, replicate_on_devices, shard
+from detr_jax.training import TrainState, batch_targets, make_train_step
 
 OFFICIAL_STEP = Path(__file__).resolve().parent / "official_detr_step.py"
 HOW_TO_OFFICIAL = ("official PyTorch DETR on this machine: add --official=DETR_CHECKOUT --official_python=TORCH_PYTHON "

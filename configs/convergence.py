@@ -12,17 +12,14 @@ import ml_collections
 
 from configs.detr_coco import get_config as coco_config
 
-COCO_TRAIN_IMAGES = 117_266  # with annotations, as official DETR trains on them
-
 
 def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     if arg not in ("r50", "postnorm", ""):
         raise ValueError(f"configs/convergence.py: unknown variant {arg!r}; expected r50 or postnorm")
     config = coco_config("r50")
-    config.variant = f"convergence_{arg or 'r50'}"
     config.model.pre_norm = arg != "postnorm"
     config.optim.update(schedule="warmup_cosine", warmup_epochs=5.0, lr=3e-4, lr_backbone=3e-5, clip_norm=1.0,
                         end_lr_factor=0.0)
     config.train.num_epochs = 100.0
-    config.train.eval_every_steps = 5 * COCO_TRAIN_IMAGES // config.train.batch_size
+    config.train.eval_every_epochs = 5.0
     return config

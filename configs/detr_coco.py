@@ -45,7 +45,6 @@ def parse_variant(arg: str) -> tuple[str, int]:
 def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     model, epochs = parse_variant(arg)
     config = ml_collections.ConfigDict()
-    config.variant = arg or "r50"
     config.model = model_config(num_classes=91, **MODELS[model])
     config.loss = loss_config()
     config.data = data_config(source="tfds", label_mapping="category_id")

@@ -19,7 +19,6 @@ from configs.detr_coco import get_config as coco_config
 
 def get_config(arg: str = "r50") -> ml_collections.ConfigDict:
     config = coco_config(arg or "r50")
-    config.variant = f"finetune_{arg or 'r50'}"
     config.model.num_classes = 0  # from the dataset
     config.data.update(source="coco_json", label_mapping="contiguous")
     config.init.update(checkpoint="", drop_class_head=True)

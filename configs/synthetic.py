@@ -27,7 +27,6 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if variant not in ("demo", "tiny", "overfit"):
         raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected tiny or overfit (or none)")
     config = ml_collections.ConfigDict()
-    config.variant = variant
     config.model = model_config(backbone="resnet_tiny", backbone_norm="group_norm", frozen_stages=-1, num_classes=5,
                                 num_queries=10, hidden_dim=128, num_heads=4, num_encoder_layers=3,
                                 num_decoder_layers=3, ffn_dim=256, dropout=0.0,

@@ -243,7 +243,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
       on_nonfinite: "stop" (stop with an error, the last good checkpoint kept) or "skip" (skip the
         update and count it); a non-finite update is never applied.
       eval_every_steps: run COCO evaluation on the val split every this many steps (0: none);
-      eval_at_end: and once at the end. Its settings are config.eval (``eval_config``).
+      eval_every_epochs: or every this many epochs (0: none; turned into steps when the run starts,
+        from the dataset and the global batch); eval_at_end: and once at the end. Its settings are config.eval (``eval_config``).
       compilation_cache_dir: "" or a folder where compiled programs are kept and reused by later
         runs (jax's persistent compilation cache; shared by runs of the same programs and jax).
       profile_steps: trace this many steps, from the run's second (the first compiles), with the
@@ -259,6 +260,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         keep_checkpoints=3,
         on_nonfinite="stop",
         eval_every_steps=0,
+        eval_every_epochs=0.0,
         eval_at_end=True,
         compilation_cache_dir="",
         profile_steps=0,

@@ -20,10 +20,10 @@ import dataclasses
 import signal
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from detr_jax.metrics import format_duration, mean_metrics
+from detr_jax.parallel import first_local
 
 
 @dataclasses.dataclass
@@ -57,17 +57,7 @@ class Action(abc.ABC):
         pass
 
 
-def first_local(tree):
-    """A pmap output (leaves [local devices, ...]) -> the host copy of its first local device's
-    entry. Local only: on several hosts indexing the global array would be a computation of its
-    own, which every host would have to run in the same order."""
-    def first(x):
-        if not isinstance(x, jax.Array):
-            return np.asarray(x[0])
-        shard = np.asarray(x.addressable_data(0))  # pmap's shards drop the device axis, a mesh's keep it
-        return np.asarray(shard[0]) if shard.ndim == x.ndim else shard
 
-    return jax.tree.map(first, tree)
 
 
 class LogMetrics(Action):

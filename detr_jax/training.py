@@ -31,9 +31,7 @@ from detr_jax.losses import compute_loss
 from detr_jax.metrics import MetricsWriter, Throughput
 from detr_jax.models import build_model, trainable_mask
 from detr_jax.optim import make_optimizer
-
-AXIS = "batch"
-
+from detr_jax.parallel import AXIS, first_local, replicate_on_devices, shard
 
 @flax.struct.dataclass
 class TrainState:
@@ -120,30 +118,6 @@ def initial_variables(config, model, rng):
     return jax.device_get(variables)
 
 
-def shard(batch, num_devices: int):
-    """Host batch [B, ...] -> [devices, B / devices, ...]."""
-    return jax.tree.map(lambda x: x.reshape(num_devices, -1, *x.shape[1:]), batch)
-
-
-def replicate(tree, num_devices: int):
-    """Host pytree -> [devices, ...] copies, for pmap."""
-    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (num_devices, *np.shape(x))), tree)
-
-
-def replicate_on_devices(tree, num_devices: int):
-    """Host pytree -> copies on the local devices, laid out as ``jax.pmap`` lays out its outputs: a
-    pmap'd step then sees the same input layout at its first call as at every later one and builds
-    one program, not two (host arrays at the first call would cost a second compilation). The
-    step's outputs are sharded over a mesh of the local devices whose axis is pmap's ``AXIS``."""
-    mesh = jax.sharding.Mesh(np.asarray(jax.local_devices()[:num_devices]), (AXIS,))
-    return jax.device_put(replicate(tree, num_devices), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
-
-
-def unreplicate(tree):
-    """Replicated pmap state -> host arrays (this host's first device's copy; no cross-host work)."""
-    return periodic.first_local(tree)
-
-
 def params_checksum(params) -> float:
     """A cheap fingerprint of the parameters (sum of |values|, float64), to compare runs."""
     return float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree_util.tree_leaves(params)))
@@ -157,6 +131,7 @@ class RunSizes:
     device_batch: int
     steps_per_epoch: int  # global batches (micro-batches) per epoch
     total_steps: int  # micro-batches of the whole run
+    eval_every: int  # steps between evaluations (0: none): train.eval_every_steps, or eval_every_epochs
 
     @staticmethod
     def make(train, grad_accum_steps: int, source, data_config) -> "RunSizes":
@@ -171,7 +146,10 @@ class RunSizes:
                                                len(data.bucket_list(data_config)))
         total = train.num_steps if train.num_steps > 0 else math.ceil(train.num_epochs * steps_per_epoch)
         total = math.ceil(total / grad_accum_steps) * grad_accum_steps  # whole optimizer updates
-        return RunSizes(train.batch_size, host, host // local, steps_per_epoch, total)
+        eval_every = train.eval_every_steps
+        if train.eval_every_epochs:  # the validator allows one of the two
+            eval_every = max(1, round(train.eval_every_epochs * steps_per_epoch))
+        return RunSizes(train.batch_size, host, host // local, steps_per_epoch, total, eval_every)
 
 
 class PeriodicEval:
@@ -243,11 +221,12 @@ def setup(config, workdir) -> Run:
     if config.train.compilation_cache_dir:
         perf.enable_compilation_cache(config.train.compilation_cache_dir)
     source = data.load_dataset(config.data, "train")
-    if config.model.num_classes <= 0:
+    if config.model.num_classes <= 0:  # the run's config: the given one, resolved (the given one is not changed)
+        config = ml_collections.ConfigDict(config.to_dict())
         config.model.num_classes = source.info.num_classes
         _log(f"config.model.num_classes set from the dataset: {source.info.num_classes}")
     if source.info.num_classes > config.model.num_classes:
-        raise ValueError(f"the dataset has labels up to {source.info.num_classes - 1} but config.model.num_classes = "
+        raise ConfigError(f"the dataset has labels up to {source.info.num_classes - 1} but config.model.num_classes = "
                          f"{config.model.num_classes}; set --config.model.num_classes={source.info.num_classes}")
     accum = config.optim.grad_accum_steps
     sizes = RunSizes.make(config.train, accum, source, config.data)
@@ -293,8 +272,8 @@ def make_actions(run: Run, programs) -> list[periodic.Action]:
                                    Throughput(run.start, sizes.total_steps, sizes.global_batch), sizes.steps_per_epoch,
                                    _log, train.on_nonfinite == "stop", last_good, sizes.total_steps, programs),
                periodic.SaveCheckpoint(train.checkpoint_every_steps, run.checkpoints, meta)]
-    if train.eval_every_steps > 0 or train.eval_at_end:
-        actions.append(periodic.Evaluate(train.eval_every_steps, train.eval_at_end,
+    if sizes.eval_every > 0 or train.eval_at_end:
+        actions.append(periodic.Evaluate(sizes.eval_every, train.eval_at_end,
                                          PeriodicEval(run.config, run.model, run.workdir), sizes.steps_per_epoch))
     if train.profile_steps:
         actions.append(periodic.Profile(perf.StepTrace(run.workdir / "tensorboard", run.start + 1, train.profile_steps)))
@@ -313,7 +292,7 @@ def train_loop(run: Run, p_step, batches, actions, preemption: periodic.Preempti
         state, metrics = p_step(state, shard(next(batches), local), step_rng, preemption.flag())
         step += 1
         stopping = previous is not None and preemption.agreed(previous)
-        host_state = functools.cache(functools.partial(unreplicate, state))  # fetched once, if asked for
+        host_state = functools.cache(functools.partial(first_local, state))  # fetched once, if asked for
         end = periodic.StepEnd(step, step == run.sizes.total_steps or stopping, stopping, metrics, host_state)
         for action in actions:
             action.after_step(end)
@@ -370,7 +349,7 @@ def _train(run: Run) -> TrainState:
         run.checkpoints.close()
     if stopped:
         _log(f"stopped by {preemption.cause()}: saved the checkpoint of step {step}; exiting")
-    final = unreplicate(state)
+    final = first_local(state)
     if config.train.profile_steps:
         _log(f"profile trace of steps {run.start + 1}..{run.start + config.train.profile_steps} in "
              f"{run.workdir / 'tensorboard'} (TensorBoard's profile tab)")

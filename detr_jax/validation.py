@@ -80,7 +80,7 @@ FIELDS = {
     "train": dict(
         batch_size=POSITIVE, num_epochs=WEIGHT, num_steps=COUNT, seed=COUNT, log_every_steps=POSITIVE,
         checkpoint_every_steps=POSITIVE, keep_checkpoints=POSITIVE, on_nonfinite=one_of(*ON_NONFINITE),
-        eval_every_steps=COUNT, profile_steps=COUNT),
+        eval_every_steps=COUNT, eval_every_epochs=WEIGHT, profile_steps=COUNT),
     "eval": dict(batch_size=POSITIVE, score_threshold=PROBABILITY, topk=COUNT, padding=one_of(*PADDINGS)),
     "init": dict(pretrain_steps=COUNT, pretrain_lr=number(0, low_open=True)),
 }
@@ -127,6 +127,9 @@ def relation_problems(config) -> list[str]:
                         f"multiples of config.data.size_divisor ({divisor})")
     if get("train.num_steps") == 0 and get("train.num_epochs") == 0:
         problems.append("config.train.num_steps = 0 and config.train.num_epochs = 0: expected a duration (one > 0)")
+    if get("train.eval_every_steps") and get("train.eval_every_epochs"):
+        problems.append(f"config.train.eval_every_epochs = {get('train.eval_every_epochs')}: expected 0 when "
+                        f"config.train.eval_every_steps is set ({get('train.eval_every_steps')}); set one of them")
     topk, queries = get("eval.topk"), get("model.num_queries")
     if topk and queries and topk > queries:
         problems.append(f"config.eval.topk = {topk}: expected at most config.model.num_queries ({queries})")

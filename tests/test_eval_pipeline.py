@@ -24,6 +24,7 @@ from detr_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from detr_jax.evaluation import METRIC_NAMES, evaluate, inference
 from detr_jax.evaluation.evaluator import ground_truth_coco, score_predictions, val_loss_terms
 from detr_jax.losses import compute_loss
+from detr_jax.parallel import local_mesh
 
 NUM_VAL = 20
 BATCH_SIZES = (1, 3, 8)
@@ -221,7 +222,7 @@ def test_hosts_evaluate_disjoint_shares_that_gather_to_the_same_metrics(runs, se
         source = load_dataset(cfg, "val", process_index=host, process_count=2)
         batches = eval_batches(cfg, 3, process_index=host, process_count=2, source=source)
         shares.append(inference.predict_batches(eval_predictor(model), variables, batches,
-                                                source.records.image_id, inference.local_mesh()))
+                                                source.records.image_id, local_mesh()))
     assert shares[0]["record"].shape == shares[1]["record"].shape  # equal shapes: process_allgather works
     hosts = [set(s["record"][s["record"] >= 0].tolist()) for s in shares]
     assert not hosts[0] & hosts[1] and len(hosts[0] | hosts[1]) == NUM_VAL

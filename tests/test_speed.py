@@ -177,7 +177,8 @@ def test_train_step_donation_frozen_stages_and_bfloat16_state(problem, reference
     bfloat16 computation the step's parameters and optimizer state stay float32."""
     from configs.synthetic import get_config
     from detr_jax.optim import make_optimizer
-    from detr_jax.training import AXIS, TrainState, make_train_step, shard
+    from detr_jax.parallel import AXIS, shard
+    from detr_jax.training import TrainState, make_train_step
 
     variables, images, mask, targets = problem
     config = get_config("tiny")

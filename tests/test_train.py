@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO
 from detr_jax.checkpoint import TrainCheckpoints, latest_train_variables
+from detr_jax.config import data_config
 from detr_jax.data.synthetic import CLASSES
 
 TINY = "configs/synthetic.py:tiny"
@@ -172,7 +173,8 @@ def _devices_check():
     from configs.synthetic import get_config
     from detr_jax import build_model
     from detr_jax.optim import make_optimizer
-    from detr_jax.training import AXIS, TrainState, make_train_step, replicate, shard, unreplicate
+    from detr_jax.parallel import AXIS, first_local, replicate, shard
+    from detr_jax.training import TrainState, make_train_step
 
     config = get_config("tiny")
     config.optim.schedule = "constant"  # warm-up would start at lr 0
@@ -193,7 +195,7 @@ def _devices_check():
     for n in (1, 4):
         p_step = jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, None), devices=jax.devices()[:n])
         new_state, metrics = p_step(replicate(state, n), shard(batch, n), jax.random.PRNGKey(1))
-        results.append((unreplicate(new_state).params, jax.tree.map(lambda x: np.asarray(x[0]), metrics)))
+        results.append((first_local(new_state).params, jax.tree.map(lambda x: np.asarray(x[0]), metrics)))
     (p1, m1), (p4, m4) = results
     same_metrics = all(np.allclose(m1[k], m4[k], rtol=1e-5, atol=1e-6) for k in m1)
     deltas = [float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree_util.tree_leaves(p1),
@@ -217,3 +219,21 @@ def test_one_and_four_devices_give_the_same_step():
 
 if __name__ == "__main__":
     _devices_check()
+
+
+def test_epoch_based_sizes_follow_the_batch_given_at_the_start():
+    """Steps per epoch and evaluation steps are derived when the run starts, so a --config batch
+    override moves them (configs/convergence.py evaluates every 5 epochs)."""
+    from types import SimpleNamespace
+
+    from configs.convergence import get_config
+    from detr_jax.training import RunSizes
+
+    config = get_config()
+    source = SimpleNamespace(info=SimpleNamespace(num_images=1000))
+    data = data_config(buckets=((800, 800),))
+    for batch, steps_per_epoch in ((64, 15), (32, 31)):
+        config.train.batch_size = batch
+        sizes = RunSizes.make(config.train, 1, source, data)
+        assert (sizes.steps_per_epoch, sizes.eval_every, sizes.total_steps) == (steps_per_epoch, 5 * steps_per_epoch,
+                                                                                  100 * steps_per_epoch)

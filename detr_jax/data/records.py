@@ -86,6 +86,15 @@ def build_records(images, annotations) -> Records:
         area=np.asarray([a[5] for a in annotations], np.float64))
 
 
+def category_ids_of(labels, label_to_category_id) -> np.ndarray:
+    """labels (int array, any shape) -> category ids, -1 for labels the dataset does not use (those
+    mapped to -1 in ``DatasetInfo.label_to_category_id``, and labels beyond it: a model with more
+    classes than the dataset)."""
+    table = np.append(np.asarray(label_to_category_id, np.int64), -1)  # the last entry: no category
+    labels = np.asarray(labels, np.int64)
+    return table[np.where((labels >= 0) & (labels < len(table) - 1), labels, len(table) - 1)]
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
     """What the rest of the project needs to know about a dataset.
@@ -102,8 +111,8 @@ class DatasetInfo:
     num_images: int
 
     def category_ids(self, labels) -> np.ndarray:
-        """labels (any int array) -> the true category ids, for COCO results and evaluation."""
-        return np.asarray(self.label_to_category_id, np.int64)[np.asarray(labels)]
+        """labels (any int array) -> the true category ids (``category_ids_of``)."""
+        return category_ids_of(labels, self.label_to_category_id)
 
     def labels(self, category_ids) -> np.ndarray:
         """category ids (any int array) -> labels; an id without a label is an error."""

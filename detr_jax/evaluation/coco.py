@@ -14,6 +14,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from detr_jax.data.records import category_ids_of
+
 # the 12 numbers of COCOeval.stats, in order
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -50,15 +52,6 @@ def load_ground_truth_file(path) -> COCO:
     if missing:
         raise ValueError(f"{path}: not a COCO annotation file: no field {', '.join(repr(k) for k in missing)}")
     return coco_from_dict(dataset)
-
-
-def category_ids_of(labels, label_to_category_id) -> np.ndarray:
-    """labels (int array, any shape) -> category ids, -1 for labels the dataset does not use (those
-    mapped to -1 in ``DatasetInfo.label_to_category_id``, and labels beyond it: a model with more
-    classes than the dataset)."""
-    table = np.append(np.asarray(label_to_category_id, np.int64), -1)  # the last entry: no category
-    labels = np.asarray(labels, np.int64)
-    return table[np.where((labels >= 0) & (labels < len(table) - 1), labels, len(table) - 1)]
 
 
 def detections_to_results(image_ids, scores, labels, boxes_xyxy, label_to_category_id, *,

@@ -24,7 +24,8 @@ from jax.experimental import multihost_utils
 
 from detr_jax import config as config_lib
 from detr_jax.evaluation import coco
-from detr_jax.evaluation.inference import gather_hosts, host_batch_size, local_mesh, predict_batches, predictor
+from detr_jax.evaluation.inference import gather_hosts, host_batch_size, predict_batches, predictor
+from detr_jax.parallel import local_mesh
 
 NUMBERS = (*coco.METRIC_NAMES, "num_images", "num_detections")  # what process 0 sends to the others
 

@@ -15,8 +15,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from detr_jax.evaluation.postprocess import postprocess
+from detr_jax.parallel import AXIS, local_mesh
 
-AXIS = "batch"
 
 
 TARGET_KEYS = ("labels", "boxes", "box_valid", "example_valid")  # the batch fields the loss reads
@@ -94,11 +94,6 @@ def host_batch_size(batch_size: int, process_count: int, local_device_count: int
         raise ValueError(f"batch_size = {batch_size}; expected a positive integer")
     per_host = -(-batch_size // process_count)
     return -(-per_host // local_device_count) * local_device_count
-
-
-def local_mesh() -> Mesh:
-    """A 1-D mesh over this host's devices, axis ``AXIS``."""
-    return Mesh(np.asarray(jax.local_devices()), (AXIS,))
 
 
 def record_rows(image_ids, example_valid, row_of: dict) -> np.ndarray:

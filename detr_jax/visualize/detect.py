@@ -111,7 +111,8 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
     """
     from detr_jax.data import eval_batches
     from detr_jax.data.image_files import load_image_files
-    from detr_jax.evaluation.inference import host_batch_size, local_mesh, predictor, run_batches
+    from detr_jax.evaluation.inference import host_batch_size, predictor, run_batches
+    from detr_jax.parallel import local_mesh
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
