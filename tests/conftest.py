@@ -1,6 +1,4 @@
 """Shared test helpers: the tiny model config and the official reference dump."""
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +6,7 @@ import pytest
 from detr_jax.config import model_config
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
 
 # A model small enough to compile in a second or two on CPU; same code paths as DETR-R50.
 TINY = dict(backbone="resnet_tiny", num_classes=5, num_queries=10, hidden_dim=32, num_heads=4,
@@ -18,28 +17,22 @@ def tiny_config(**overrides):
     return model_config(**{**TINY, **overrides})
 
 
-def reference_dir() -> Path:
-    """../shared/reference (or $DETR_JAX_REFERENCE): the official DETR-R50 output dump."""
-    candidates = [Path(os.environ["DETR_JAX_REFERENCE"])] if "DETR_JAX_REFERENCE" in os.environ else []
-    candidates += [REPO.parent / "shared" / "reference", REPO / "shared" / "reference"]
-    for path in candidates:
-        if (path / "detr_r50_official_ref.npz").exists():
-            return path
-    raise FileNotFoundError(f"official reference not found in {[str(c) for c in candidates]}; "
-                            "set DETR_JAX_REFERENCE to the folder holding detr_r50_official_ref.npz")
-
-
 @pytest.fixture(scope="session")
 def reference():
-    """(official_weights module, reference arrays, the seed-2024 official state_dict)."""
-    path = reference_dir()
-    sys.path.insert(0, str(path))
-    import official_weights
+    """(official_layout module, the official DETR-R50 dump, its official-layout state_dict).
 
-    ref = official_weights.load_reference(path / "detr_r50_official_ref.npz")
-    state_dict = official_weights.make_state_dict(int(ref["weights_seed"]))
-    assert official_weights.weights_sha256(state_dict) == str(ref["weights_sha256"])
-    return official_weights, ref, state_dict
+    The dump is tests/data/official_r50.npz and official_r50_features.npz (made by
+    tests/data/make_official_ref.py, whose docstring lists the keys), plus its input batch
+    regenerated from the seed: ``images`` [2, 3, 192, 224] float32 and ``masks`` [2, 192, 224]."""
+    import official_layout
+
+    ref = {**official_layout.load_npz(DATA / "official_r50.npz"),
+           **official_layout.load_npz(DATA / "official_r50_features.npz")}
+    ref["images"], ref["masks"] = official_layout.noise_batch(int(ref["image_seed"]), ref["image_sizes"])
+    assert official_layout.array_sha256(ref["images"]) == str(ref["images_sha256"])
+    state_dict = official_layout.make_state_dict(int(ref["weights_seed"]))
+    assert official_layout.weights_sha256(state_dict) == str(ref["weights_sha256"])
+    return official_layout, ref, state_dict
 
 
 def reference_outputs(ref, suffix=""):

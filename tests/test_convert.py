@@ -26,12 +26,16 @@ def tiny():
     return config, variables, to_official_state_dict(variables, config)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(num_classes=20), dict(backbone="resnet101")])
-def test_official_layout_matches_reference_keys(reference, kwargs):
-    official_weights, _, _ = reference
+@pytest.mark.parametrize("name, kwargs", [("r50", dict()), ("r50_classes20", dict(num_classes=20)),
+                                          ("r101", dict(backbone="resnet101"))])
+def test_official_layout_matches_reference_keys(reference, name, kwargs):
+    official_layout, ref, _ = reference
+    expected = official_layout.state_dict_shapes(**kwargs)
+    # the generator's keys, order and shapes are the official model's (recorded by make_official_ref.py)
+    assert official_layout.layout_sha256(expected) == str(ref[f"layout_sha256/{name}"])
     config = get_config("r50").model
     config.update(kwargs)
-    assert official_shapes(config) == official_weights.state_dict_shapes(**kwargs)
+    assert official_shapes(config) == expected
 
 
 def test_variant_layouts():

@@ -1,6 +1,6 @@
 """padding="exact" against the official PyTorch DETR run on each image alone, unpadded
-(tests/data/padding_ref_*.npz, made by tests/data/make_padding_ref.py), for R50 and R101-DC5 with the
-shared reference's generated weights: every image of a padded batch, on several canvases, in batches
+(tests/data/padding_ref_*.npz, made by tests/data/make_padding_ref.py), for R50 and R101-DC5 with
+tests/official_layout.py's generated weights: every image of a padded batch, on several canvases, in batches
 of 1 and 3, must give the official outputs within a small multiple of the official model's own
 float32-vs-float64 gap. ``pytest -s`` prints the figures (README, Accuracy)."""
 from pathlib import Path
@@ -12,6 +12,7 @@ import pytest
 from configs.detr_coco import get_config
 from detr_jax import build_model
 from detr_jax.convert import from_official_state_dict
+from official_layout import make_state_dict, weights_sha256
 from test_padding_exact import pad_batch
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -24,14 +25,14 @@ def image_array(seed: int, h: int, w: int) -> np.ndarray:
     return np.random.RandomState(seed).standard_normal((h, w, 3)).astype(np.float32)
 
 
-def runs(variant: str, official_weights, padding: str = "exact") -> tuple[dict, dict]:
+def runs(variant: str, padding: str = "exact") -> tuple[dict, dict]:
     """(reference arrays, {(canvas, batch size): [per-image {"pred_logits", "pred_boxes"}]}):
     batch 1 on each canvas' first, batch 3 on every canvas."""
     ref = dict(np.load(DATA / f"padding_ref_{variant}.npz"))
     config = get_config(variant).model
     config.padding = padding
-    state_dict = official_weights.make_state_dict(int(ref["weights_seed"]), backbone=config.backbone)
-    assert official_weights.weights_sha256(state_dict) == str(ref["weights_sha256"])
+    state_dict = make_state_dict(int(ref["weights_seed"]), backbone=config.backbone)
+    assert weights_sha256(state_dict) == str(ref["weights_sha256"])
     variables = from_official_state_dict(state_dict, config)
     apply = jax.jit(build_model(config).apply)
     images = [image_array(s, h, w) for s, (h, w) in zip(ref["image_seeds"], ref["image_sizes"])]
@@ -57,9 +58,8 @@ def gaps(ref, results) -> dict:
 
 
 @pytest.fixture(scope="module", params=["r50", "r101_dc5"])
-def exact(request, reference):
-    official_weights, _, _ = reference
-    return request.param, *runs(request.param, official_weights)
+def exact(request):
+    return request.param, *runs(request.param)
 
 
 def test_each_image_of_a_padded_batch_gives_the_official_single_image_outputs(exact):
@@ -82,11 +82,10 @@ def test_outputs_agree_across_canvases_and_batches(exact):
         assert spread <= 1e-4 if key == "pred_logits" else spread <= 1e-5
 
 
-def test_official_padding_moves_padded_images(reference):
+def test_official_padding_moves_padded_images():
     """The same batches with padding="official" are off the single-image outputs by far more than
     float noise (official padded-batch semantics): what "exact" removes."""
-    official_weights, _, _ = reference
-    ref, results = runs("r50", official_weights, padding="official")
+    ref, results = runs("r50", padding="official")
     table = gaps(ref, results)
     for (run, key), value in table.items():
         print(f"r50 padding=official {run} {key}: {value:.2e}")

@@ -17,7 +17,7 @@ def test_trainable_count_equals_official(variant, trainable):
 
 
 def test_frozen_parts_are_stem_layer1_and_batch_norm(reference):
-    official_weights, _, _ = reference
+    official_layout, _, _ = reference
     config = get_config("r50").model
     shapes = variable_shapes(config)
     mask = jax.tree_util.tree_flatten_with_path(trainable_mask(shapes["params"], config))[0]
@@ -26,7 +26,7 @@ def test_frozen_parts_are_stem_layer1_and_batch_norm(reference):
                                                   for c in ("conv1", "conv2", "conv3")} | {"backbone/layer1_0/downsample_conv/kernel"}
     # FrozenBatchNorm lives outside params: every buffer value plus every param value is the whole
     # official state_dict (41,631,008 values for R50).
-    total = sum(int(np.prod(s)) for s in official_weights.state_dict_shapes().values())
+    total = sum(int(np.prod(s)) for s in official_layout.state_dict_shapes().values())
     ours = sum(x.size for x in jax.tree_util.tree_leaves(shapes))
     assert ours == total == 41_631_008
     assert all(set(leaf) == {"weight", "bias", "running_mean", "running_var"}

@@ -1,4 +1,5 @@
-"""DETR-R50 against the official PyTorch model's outputs (../shared/reference)."""
+"""DETR-R50 against the official PyTorch model's outputs on a padded batch (tests/data/official_r50*.npz,
+made by tests/data/make_official_ref.py from tests/official_layout.py's weights)."""
 import jax
 import numpy as np
 import pytest
@@ -7,11 +8,11 @@ from configs.detr_coco import get_config
 from detr_jax import build_model
 from detr_jax.convert import from_official_state_dict
 
-# Official float32 vs float64 on this batch: 4.6e-5 (logits), 2.3e-6 (boxes); see the reference README.
+# Official float32 vs float64 on this batch: 3.4e-5 (logits), 3.1e-6 (boxes) (make_official_ref.py prints them).
 LOGITS_ATOL, BOXES_ATOL = 1e-3, 1e-4
-# bfloat16 computation vs float32, measured on these weights (logits span +-15; the synthetic
-# heads are scaled x8 / x20, which magnifies rounding): |d logits| max 0.50 / mean 0.099,
-# |d boxes| max 0.044 / mean 0.0084, |d softmax| max 0.098.
+# bfloat16 computation vs float32, measured on these weights (logits span +-9; the queries' sharp
+# cross-attention magnifies rounding): |d logits| max 0.56 / mean 0.10, |d boxes| max 0.044 /
+# mean 0.0077, |d softmax| max 0.058.
 BF16_LOGITS_ATOL, BF16_BOXES_ATOL, BF16_PROB_ATOL = 0.75, 0.07, 0.15
 
 
@@ -63,7 +64,7 @@ def test_intermediates_match_official(official):
     np.testing.assert_allclose(inter["pos"], nhwc(ref["pos"]), rtol=0, atol=1e-5)
     np.testing.assert_allclose(inter["proj_src"], nhwc(ref["proj_src"]), rtol=0, atol=1e-4)
     np.testing.assert_allclose(inter["memory"], nhwc(ref["memory"]), rtol=0, atol=1e-4)
-    np.testing.assert_allclose(inter["hs"], ref["hs"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(inter["hs"][ref["hs_layers"]], ref["hs"], rtol=0, atol=1e-4)
 
 
 def test_bfloat16_compute_stays_close_to_float32(official):
@@ -86,7 +87,7 @@ def test_bfloat16_compute_stays_close_to_float32(official):
 
 def test_loss_gradients_through_the_model_match_official(official):
     """d loss_total / d parameter, model + matcher + SetCriterion, for the 11 parameters the
-    reference records (from the class head down to layer2 of the backbone)."""
+    reference records (from the class head down to the strided conv of layer3 of the backbone)."""
     from conftest import reference_targets
     from detr_jax.config import loss_config
     from detr_jax.convert import to_official_state_dict
@@ -105,7 +106,7 @@ def test_loss_gradients_through_the_model_match_official(official):
     recorded = [k for k in ref if k.startswith("grad/")]
     assert len(recorded) == 11
     for key in recorded:
-        want = ref[key]
-        # float32 noise accumulates through 6 encoder layers into the backbone: 1.5e-3 of the scale there
-        np.testing.assert_allclose(official_grads[key[len("grad/"):]], want, rtol=0,
+        want = ref[key]  # of a large parameter, its first output channels
+        # float32 noise accumulates through the encoder and the backbone's ReLUs: 1e-3 of the scale there
+        np.testing.assert_allclose(official_grads[key[len("grad/"):]][:len(want)], want, rtol=0,
                                    atol=2.5e-3 * np.abs(want).max(), err_msg=key)

@@ -4,10 +4,11 @@ of tests/test_padding_official.py ("exact" padding must reproduce them from any 
 Run with a torch environment (torch, torchvision; no GPU, no download) and an unmodified export of
 facebookresearch/detr:
 
-  python tests/data/make_padding_ref.py --official=/path/to/detr --weights=../shared/reference
+  python tests/data/make_padding_ref.py --official=/path/to/detr
 
-It writes tests/data/padding_ref_r50.npz and padding_ref_r101_dc5.npz. Weights:
-``official_weights.make_state_dict(2024, backbone=...)`` (the shared reference's generator). Images:
+(tests/data/make_official_ref.py's docstring gives the exact environment commands.) It writes
+tests/data/padding_ref_r50.npz and padding_ref_r101_dc5.npz. Weights:
+``official_layout.make_state_dict(2024, backbone=...)`` (tests/official_layout.py). Images:
 ``image_array(seed, h, w)`` for ``IMAGES`` (N(0, 1) noise standing in for normalised pixels). Each
 file holds, for image i: ``pred_logits/i``, ``pred_boxes/i`` (final decoder layer, float32),
 ``pred_logits_f64/i``, ``pred_boxes_f64/i`` (the same model and image in float64, ``model.double()``),
@@ -25,6 +26,9 @@ import types
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import official_layout  # noqa: E402
 
 IMAGES = ((0, 97, 131), (1, 128, 95), (2, 113, 150))  # (seed, h, w): odd sizes and different shapes
 WEIGHTS_SEED = 2024
@@ -56,16 +60,17 @@ def import_official(official: Path):
     return torch, build_model, get_args_parser
 
 
-def run_model(torch, build_model, get_args_parser, name: str, weights_module) -> dict:
+def run_model(torch, build_model, get_args_parser, name: str) -> dict:
     """Every image of IMAGES alone through the official model ``name``, in float32 and float64."""
     options = MODELS[name]
     argv = ["--device", "cpu", "--backbone", options["backbone"]] + (["--dilation"] if options["dilation"] else [])
     args = get_args_parser().parse_args(argv)
     model, _, _ = build_model(args)
-    state_dict = weights_module.make_state_dict(WEIGHTS_SEED, backbone=options["backbone"])
+    state_dict = official_layout.make_state_dict(WEIGHTS_SEED, backbone=options["backbone"])
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()}, strict=True)
     model.eval()
-    out = {"weights_seed": np.int64(WEIGHTS_SEED), "weights_sha256": np.str_(weights_module.weights_sha256(state_dict)),
+    out = {"weights_seed": np.int64(WEIGHTS_SEED),
+           "weights_sha256": np.str_(official_layout.weights_sha256(state_dict)),
            "image_sizes": np.array([(h, w) for _, h, w in IMAGES], np.int64),
            "image_seeds": np.array([s for s, _, _ in IMAGES], np.int64),
            "spec": np.str_(f"official DETR {options}, main.py defaults, eval mode, each image alone and unpadded; "
@@ -92,17 +97,13 @@ def run_model(torch, build_model, get_args_parser, name: str, weights_module) ->
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", required=True, type=Path, help="an export of facebookresearch/detr")
-    parser.add_argument("--weights", required=True, type=Path, help="the folder of official_weights.py")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch, build_model, get_args_parser = import_official(args.official)
     torch.set_num_threads(args.threads)
-    sys.path.insert(0, str(args.weights))
-    import official_weights
-
     for name in MODELS:
-        arrays = run_model(torch, build_model, get_args_parser, name, official_weights)
+        arrays = run_model(torch, build_model, get_args_parser, name)
         path = args.out / f"padding_ref_{name}.npz"
         np.savez_compressed(path, **arrays)
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
