@@ -95,7 +95,8 @@ def test_annotation_problems_are_counted_and_named(bad):
     source = load_dataset(bad, "train", process_index=0, process_count=1)
     counts, examples = source.report.counts, source.report.examples
     assert counts == {"missing_image": 1, "unknown_category": 1, "degenerate_box": 3, "outside_box": 1,
-                      "clipped_box": 1, "crowd_excluded": 1, "over_max_boxes": 3}
+                      "clipped_box": 1, "crowd_excluded": 1, "over_max_boxes": 3, "empty_image": 1}
+    assert examples["empty_image"] == ["empty.jpg (image id 8)"]  # kept, and counted
     assert examples["missing_image"][0].endswith("missing.jpg")
     assert "good.jpg (image id 1) annotation id 7: category_id 99" in examples["unknown_category"][0]
     assert examples["degenerate_box"] == ["good.jpg (image id 1) annotation id 2",
@@ -122,6 +123,13 @@ def test_evaluation_ground_truth_leaves_out_what_training_leaves_out(bad):
     assert by_id[6]["iscrowd"] == 1 and by_id[5]["bbox"] == [70, 50, 20, 20] and by_id[1]["bbox"] == [10, 10, 20, 20]
     assert all(np.isfinite(a["bbox"]).all() for a in by_id.values())
     assert source.report.counts["degenerate_box"] == 3 and source.report.counts["outside_box"] == 1
+
+
+def test_an_image_shrunk_to_its_bucket_is_named_with_plain_numbers(bad):
+    cfg = data_config(**{**bad.to_dict(), "eval_size": 160, "eval_max_size": 200})
+    batches = eval_batches(cfg, 3, process_index=0, process_count=1)
+    example = batches.report.examples["shrunk_to_bucket"][0]
+    assert example == "good.jpg eval: (150, 200)", example  # not (np.int64(150), np.int64(200))
 
 
 def test_unknown_category_error_names_file_and_annotation(bad):

@@ -15,8 +15,8 @@ from detr_jax.evaluation.inference import predictor
 from detr_jax.models.layers import MultiHeadAttention
 from detr_jax.visualize import attention, draw
 from detr_jax.data.image_files import find_images
-from detr_jax.visualize.detect import (class_names, coco_class_names, detect_checkpoint, output_names, parse_pixels,
-                                      select_detections)
+from detr_jax.visualize.detect import (class_names, coco_class_names, detect_checkpoint, original_pixels, output_names,
+                                      parse_pixels, select_detections)
 from detr_jax.visualize.plots import curves_figure, load_runs, plot_runs, read_history, summary_table
 from test_eval_cli import SAVED_NAMES, tiny_run  # noqa: F401  (a fixture: a workdir with training checkpoints)
 from test_eval_pipeline import numpy_variables
@@ -149,6 +149,18 @@ def test_class_names():
     with pytest.raises(ValueError, match="3 names; the model has 2 classes"):
         class_names(2, override=["a", "b", "c"])
     assert output_names(["x/a.jpg", "y/a.png", "b.jpg"]) == ["a", "a_2", "b"]
+
+
+def test_pictures_are_drawn_on_the_pixels_the_model_saw(tmp_path):
+    """A 16-bit PNG (and a grayscale one) is drawn scaled to 8 bits, as decoded for the model; PIL's
+    convert("RGB") made the 16-bit one all white."""
+    import tensorflow as tf
+
+    deep, gray = tmp_path / "deep.png", tmp_path / "gray.png"
+    deep.write_bytes(tf.io.encode_png(np.full((6, 5, 3), (100 * 257, 150 * 257, 200 * 257), np.uint16)).numpy())
+    gray.write_bytes(tf.io.encode_png(np.full((6, 5, 1), 77, np.uint8)).numpy())
+    assert (np.asarray(original_pixels(deep)) == (100, 150, 200)).all()
+    assert (np.asarray(original_pixels(gray)) == 77).all() and original_pixels(gray).mode == "RGB"
 
 
 def test_drawn_box_lies_where_the_detection_says():

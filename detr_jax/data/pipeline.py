@@ -181,7 +181,8 @@ class PassPlan:
 def _fit(source: Source, order, params: Params, buckets, what: str):
     """Buckets of the planned images -> (bucket [n], fitted sizes [n, 2]); shrunk ones reported."""
     bucket, size, shrunk = assign_buckets(params.size, buckets)
-    names = [f"{source.records.file_name[i]} {what}: {tuple(s)}" for i, s in zip(order[shrunk][:5], params.size[shrunk])]
+    names = [f"{source.records.file_name[i]} {what}: {tuple(s.tolist())}"
+             for i, s in zip(order[shrunk][:5], params.size[shrunk])]
     source.report.add("shrunk_to_bucket", int(shrunk.sum()), names)
     return bucket, size
 

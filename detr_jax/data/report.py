@@ -21,10 +21,11 @@ KINDS = {
     "exif_ignored": "EXIF orientation tag, annotated in the stored frame (as COCO): tag ignored",
     "exif_by_setting": "EXIF orientation tag the annotated size cannot confirm (square image, a flip, or neither "
                        "size): config.data.exif followed",
+    "empty_image": "image without objects (after the repairs above): kept, it teaches 'no object'",
     "shrunk_to_bucket": "resized image larger than every bucket: scaled down to fit one",
     "epoch_leftover": "train images in partly filled bucket batches: not in that epoch (reshuffled next epoch)",
 }
-EXPECTED = ("crowd_excluded", "epoch_leftover", "exif_ignored")  # normal with COCO: logged at info level, not as warnings
+EXPECTED = ("crowd_excluded", "epoch_leftover", "exif_ignored", "empty_image")  # normal with COCO: logged at info level, not as warnings
 NAMED = 5  # cases named in the log and kept in ``examples``, per kind
 
 

@@ -56,6 +56,16 @@ def class_names(num_classes: int, data_config=None, override=(), saved=None) -> 
     return [known[i] if i < len(known) and known[i] else f"class {i}" for i in range(num_classes)]
 
 
+def original_pixels(path) -> Image.Image:
+    """An image file as the model saw it before resizing (``decode_rgb``: 16-bit scaled to 8-bit,
+    grayscale replicated, alpha dropped), to draw on."""
+    import tensorflow as tf
+
+    from detr_jax.data.transforms import decode_rgb
+
+    return Image.fromarray(decode_rgb(tf.io.read_file(str(path))).numpy())
+
+
 def select_detections(prediction: dict, names, threshold: float) -> list[dict]:
     """One image's predictions (scores [K], labels [K], boxes [K, 4], queries [K]) -> the detections
     scoring at least ``threshold``, best first (ties: lower query), as json-ready dicts."""
@@ -134,8 +144,7 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
             detections = select_detections(slot, names, threshold)
             images[image_id] = {"file": path, "width": w, "height": h, "detections": detections}
             if draw_boxes or with_attention:
-                with Image.open(path) as opened:
-                    pixels = opened.convert("RGB")
+                pixels = original_pixels(path)
             if draw_boxes:
                 draw.draw_detections(pixels, detections).save(out_dir / f"{name}.png")
             if with_attention:
