@@ -138,7 +138,7 @@ def test_cli(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "detr_jax.data.synthetic", *args], cwd=REPO,
                                        capture_output=True, text=True, timeout=300)
     result = run("--help")
-    assert result.returncode == 0 and "--num_train" in result.stdout and "--seed" in result.stdout
+    assert result.returncode == 1 and "--num_train" in result.stdout and "--seed" in result.stdout  # absl's --help
     out = tmp_path / "cli"
     result = run("--out", str(out), "--num_train", "3", "--num_val", "2", "--seed", "4")
     assert result.returncode == 0, result.stderr
@@ -147,7 +147,9 @@ def test_cli(tmp_path):
     with open(out / "synthetic.json") as f:
         assert json.load(f)["seed"] == 4
     result = run("--out", str(out))
-    assert result.returncode == 1 and "exists" in result.stderr
+    assert result.returncode == 2 and f"error: {out} exists" in result.stderr and "Traceback" not in result.stderr
+    result = run("--out", str(tmp_path / "bad"), "--object_scale=0.5")
+    assert result.returncode == 2 and "error: --object_scale=0.5: expected MIN,MAX" in result.stderr
 
 
 def test_eval_split_train_evaluates_the_training_images(dataset):

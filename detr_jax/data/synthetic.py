@@ -13,12 +13,10 @@ one, random colours at a clear distance from the background, solid / striped / n
 backgrounds of two-colour gradients with pixel noise. Deterministic: image i of a split depends
 only on (seed, split, i). A few hundred images take a few seconds.
 """
-import argparse
 import dataclasses
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -240,32 +238,44 @@ def ensure_synthetic(data_dir: str, spec: Spec) -> str:
         raise
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m detr_jax.data.synthetic",
-                                     description="Generate the synthetic shapes dataset in COCO format.")
-    parser.add_argument("--out", required=True, help="folder to create (must not exist)")
-    parser.add_argument("--num_train", type=int, default=Spec.num_train, help="train images")
-    parser.add_argument("--num_val", type=int, default=Spec.num_val, help="val images")
-    parser.add_argument("--seed", type=int, default=Spec.seed, help="random seed")
-    parser.add_argument("--min_size", type=int, default=Spec.min_size, help="smallest image side, pixels")
-    parser.add_argument("--max_size", type=int, default=Spec.max_size, help="largest image side, pixels")
-    parser.add_argument("--max_objects", type=int, default=Spec.max_objects, help="most objects per image")
-    parser.add_argument("--object_scale", type=float, nargs=2, default=Spec.object_scale, metavar=("MIN", "MAX"),
-                        help="object side range, as fractions of the image's short side")
-    args = parser.parse_args(argv)
-    if not 16 <= args.min_size <= args.max_size:
-        parser.error(f"need 16 <= --min_size ({args.min_size}) <= --max_size ({args.max_size})")
-    if args.max_objects < 1 or not 0 < args.object_scale[0] <= args.object_scale[1] <= 1:
-        parser.error(f"need --max_objects >= 1 and 0 < MIN <= MAX <= 1 for --object_scale; got {args.max_objects}, "
-                     f"{args.object_scale}")
-    spec = Spec(num_train=args.num_train, num_val=args.num_val, seed=args.seed, min_size=args.min_size,
-                max_size=args.max_size, max_objects=args.max_objects, object_scale=tuple(args.object_scale))
+def main(argv) -> None:
+    from absl import flags
+
+    from detr_jax.errors import ConfigError
+
+    del argv
+    f = flags.FLAGS
     try:
-        out = generate(args.out, spec)
-    except FileExistsError as e:
-        parser.exit(1, f"error: {e}\n")
-    print(f"wrote {out}: {args.num_train} train and {args.num_val} val images, classes {', '.join(CLASSES)}")
+        low, high = (float(v) for v in f.object_scale)
+    except ValueError:
+        raise ConfigError(f"--object_scale={','.join(f.object_scale)}: expected MIN,MAX (two numbers)") from None
+    if not 16 <= f.min_size <= f.max_size:
+        raise ConfigError(f"need 16 <= --min_size ({f.min_size}) <= --max_size ({f.max_size})")
+    if f.max_objects < 1 or not 0 < low <= high <= 1:
+        raise ConfigError(f"need --max_objects >= 1 and 0 < MIN <= MAX <= 1 for --object_scale; got {f.max_objects}, "
+                          f"{low},{high}")
+    spec = Spec(num_train=f.num_train, num_val=f.num_val, seed=f.seed, min_size=f.min_size, max_size=f.max_size,
+                max_objects=f.max_objects, object_scale=(low, high))
+    out = generate(f.out, spec)
+    print(f"wrote {out}: {f.num_train} train and {f.num_val} val images, classes {', '.join(CLASSES)}")
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("out", None, "Folder to create (must not exist).", required=True)
+    flags.DEFINE_integer("num_train", Spec.num_train, "Train images.")
+    flags.DEFINE_integer("num_val", Spec.num_val, "Val images.")
+    flags.DEFINE_integer("seed", Spec.seed, "Random seed.")
+    flags.DEFINE_integer("min_size", Spec.min_size, "Smallest image side, pixels.")
+    flags.DEFINE_integer("max_size", Spec.max_size, "Largest image side, pixels.")
+    flags.DEFINE_integer("max_objects", Spec.max_objects, "Most objects per image.")
+    flags.DEFINE_list("object_scale", [str(v) for v in Spec.object_scale], "MIN,MAX: object side range, as fractions "
+                      "of the image's short side.")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    from detr_jax import cli
+
+    _define_flags()
+    cli.run(main)
