@@ -237,15 +237,16 @@ def exif_orientation(data) -> tf.Tensor:
 def _transposed(pixels, orientation):
     """pixels [h, w, 3] as shown by a viewer honouring EXIF ``orientation`` (PIL's exif_transpose)."""
     swap = lambda p: tf.transpose(p, [1, 0, 2])
+    rows, cols, both = (lambda p: tf.reverse(p, [0])), (lambda p: tf.reverse(p, [1])), (lambda p: tf.reverse(p, [0, 1]))
     return tf.switch_case(orientation - 1, [
         lambda: pixels,
-        lambda: pixels[:, ::-1],  # 2: mirrored
-        lambda: pixels[::-1, ::-1],  # 3: rotated 180
-        lambda: pixels[::-1],  # 4: flipped top to bottom
+        lambda: cols(pixels),  # 2: mirrored
+        lambda: both(pixels),  # 3: rotated 180
+        lambda: rows(pixels),  # 4: flipped top to bottom
         lambda: swap(pixels),  # 5: transposed
-        lambda: swap(pixels)[:, ::-1],  # 6: rotated 90 clockwise to show
-        lambda: swap(pixels)[::-1, ::-1],  # 7: transversed
-        lambda: swap(pixels)[::-1],  # 8: rotated 90 counter-clockwise to show
+        lambda: cols(swap(pixels)),  # 6: rotated 90 clockwise to show
+        lambda: both(swap(pixels)),  # 7: transversed
+        lambda: rows(swap(pixels)),  # 8: rotated 90 counter-clockwise to show
     ])
 
 
