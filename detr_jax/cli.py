@@ -2,9 +2,8 @@
 
   from detr_jax import cli
   cli.define_multihost_flags()      # at import, beside the script's own flags
-  cli.start()                       # first thing in main(): jax.distributed if asked, quiet logs
-  cli.quiet()                       # single-host entry points: quiet logs only
-  cli.run(main)                     # instead of absl's app.run: operator errors as one line, exit 2
+  cli.start()                       # first thing in a multi-host main(): jax.distributed if asked
+  cli.run(main)                     # instead of absl's app.run: quiet logs, operator errors as one line, exit 2
 """
 import logging
 import sys
@@ -57,9 +56,11 @@ def parse_flags(argv):
 
 
 def run(main) -> None:
-    """``app.run(main)`` for every entry point: flag mistakes and ``OPERATOR_ERRORS`` are one line on
-    stderr and exit 2; a second Ctrl-C (``KeyboardInterrupt``) exits 130 without a traceback."""
+    """``app.run(main)`` for every entry point: orbax's and JAX's INFO chatter dropped (``quiet``);
+    flag mistakes and ``OPERATOR_ERRORS`` are one line on stderr and exit 2; a second Ctrl-C
+    (``KeyboardInterrupt``) exits 130 without a traceback."""
     def guarded(argv):
+        quiet()
         try:
             main(argv)
         except OPERATOR_ERRORS as error:
@@ -89,13 +90,12 @@ class _LibraryChatter(logging.Filter):
 
 
 def start() -> None:
-    """jax.distributed.initialize() when the flags ask for it; keep the console for progress lines."""
+    """jax.distributed.initialize() when the flags ask for it."""
     import jax
 
     f = flags.FLAGS
     if f.coordinator_address or f.multihost:
         jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
-    quiet()
 
 
 def quiet() -> None:

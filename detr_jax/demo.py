@@ -75,7 +75,6 @@ def run_demo(config, workdir, *, num_images: int, threshold: float, log=print) -
 def main(argv):
     del argv
     f = flags.FLAGS
-    cli.quiet()
     workdir = f.workdir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
     run_demo(f.config, workdir, num_images=f.num_images, threshold=f.threshold)
 
