@@ -164,8 +164,12 @@ def test_bad_inputs_get_clear_errors(tiny, images, mask, message):
                                           ("position_embedding", "rope"), ("dtype", "float16"),
                                           ("backbone", "vit"), ("num_heads", 5)])
 def test_bad_config_gets_clear_errors(field, value):
-    with pytest.raises(ValueError, match=f"config.model.{field if field != 'num_heads' else 'hidden_dim'}"):
-        build_model(tiny_config(**{field: value}))
+    """The validator (run by every entry point) names the field; build_model trusts a valid config."""
+    from detr_jax.errors import ConfigError
+    from detr_jax.validation import validate
+
+    with pytest.raises(ConfigError, match=f"config.model.{field if field != 'num_heads' else 'hidden_dim'} = "):
+        validate({"model": tiny_config(**{field: value})})
 
 
 def test_dc5_halves_the_stride():
