@@ -196,6 +196,7 @@ def test_an_unreadable_image_changes_neither_loss_nor_gradients():
     with_filler = {k: np.concatenate([good[k][:2], filler[k], good[k][2:]]) for k in good}
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
 
+    @jax.jit
     def loss_and_grads(batch):
         def loss(params):
             outputs = model.apply({**variables, "params": params}, batch["image"], batch["padding_mask"])
