@@ -17,6 +17,27 @@ def tiny_config(**overrides):
     return model_config(**{**TINY, **overrides})
 
 
+def pytest_addoption(parser):
+    parser.addoption("--multihost", choices=("quick", "full"), default="quick",
+                     help="tests/test_multihost.py's matrix. quick (the suite's, about 5 minutes): 2x2 against 1x4 "
+                          "and a SIGTERM stop resumed from 2 processes on 1, 2 buckets, 8 steps. full (about 17 "
+                          "minutes): also 2x1 against 1x2 and a resume from 1 process on 2, 3 buckets, 12 steps.")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "multihost_full: run only with --multihost=full (deselected otherwise)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --multihost=full, the full-matrix-only tests are deselected (reported as such)."""
+    if config.getoption("--multihost") == "full":
+        return
+    deselected = [item for item in items if item.get_closest_marker("multihost_full")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("multihost_full")]
+
+
 @pytest.fixture(scope="session")
 def reference():
     """(official_layout module, the official DETR-R50 dump, its official-layout state_dict).
