@@ -20,7 +20,7 @@ def tiny_config(**overrides):
 def pytest_addoption(parser):
     parser.addoption("--multihost", choices=("quick", "full"), default="quick",
                      help="tests/test_multihost.py's matrix. quick (the suite's, about 5 minutes): 2x2 against 1x4 "
-                          "and a SIGTERM stop resumed from 2 processes on 1, 2 buckets, 8 steps. full (about 17 "
+                          "and a SIGTERM stop resumed from 2 processes on 1, 2 buckets, 8 steps. full (about 13 "
                           "minutes): also 2x1 against 1x2 and a resume from 1 process on 2, 3 buckets, 12 steps.")
 
 

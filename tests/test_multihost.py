@@ -6,7 +6,7 @@ step.
 
 Two matrices (``--multihost``, see conftest.py): "quick", the suite's (2 buckets, 8 steps: 2x2
 against 1x4, and the SIGTERM stop on 2x2 resumed on 1x4); "full", issue 14's acceptance (3 buckets,
-12 steps, adding 2x1 against 1x2 and a resume from 1x2 on 2x1), about 17 minutes:
+12 steps, adding 2x1 against 1x2 and a resume from 1x2 on 2x1), about 13 minutes:
 
   python -m pytest -q tests/test_multihost.py --multihost=full
 """
