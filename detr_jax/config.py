@@ -244,7 +244,8 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         update and count it); a non-finite update is never applied.
       eval_every_steps: run COCO evaluation on the val split every this many steps (0: none);
       eval_every_epochs: or every this many epochs (0: none; turned into steps when the run starts,
-        from the dataset and the global batch); eval_at_end: and once at the end. Its settings are config.eval (``eval_config``).
+        from the dataset and the global batch); eval_at_end: and once at the end. Its settings are
+        config.eval (``eval_config``).
       compilation_cache_dir: "" or a folder where compiled programs are kept and reused by later
         runs (jax's persistent compilation cache; shared by runs of the same programs and jax).
       profile_steps: trace this many steps, from the run's second (the first compiles), with the

@@ -276,7 +276,8 @@ def assumed_architecture(model) -> str:
     R50-DC5 (and of R101 and R101-DC5) have the same keys and shapes, so no file can tell them apart."""
     return (f"assumed architecture (config.model, recorded in model_config.json, checked at every load): "
             f"{model.backbone}{' DC5 (dilated last stage)' if model.dilation else ''}, "
-            f"{model.num_encoder_layers} + {model.num_decoder_layers} layers, {'pre' if model.pre_norm else 'post'}-norm, "
+            f"{model.num_encoder_layers} + {model.num_decoder_layers} layers, "
+            f"{'pre' if model.pre_norm else 'post'}-norm, "
             f"{model.num_queries} queries, {model.num_classes} classes. Official DC5 files have the keys and shapes "
             f"of their non-DC5 twins: if the file is detr-r50-dc5-*.pth or detr-r101-dc5-*.pth, the --config "
             f"variant must be r50_dc5 or r101_dc5.")

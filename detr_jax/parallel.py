@@ -2,7 +2,7 @@
 step and the sharded evaluation alike."""
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXIS = "batch"
 
@@ -28,7 +28,7 @@ def replicate_on_devices(tree, num_devices: int):
     one program, not two (host arrays at the first call would cost a second compilation). The
     step's outputs are sharded over a mesh of the local devices whose axis is pmap's ``AXIS``."""
     mesh = Mesh(np.asarray(jax.local_devices()[:num_devices]), (AXIS,))
-    return jax.device_put(replicate(tree, num_devices), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS)))
+    return jax.device_put(replicate(tree, num_devices), NamedSharding(mesh, PartitionSpec(AXIS)))
 
 
 def first_local(tree):

@@ -33,6 +33,7 @@ from detr_jax.models import build_model, trainable_mask
 from detr_jax.optim import make_optimizer
 from detr_jax.parallel import AXIS, first_local, replicate_on_devices, shard
 
+
 @flax.struct.dataclass
 class TrainState:
     step: jnp.ndarray  # micro-batches consumed (= data position); int32 scalar
@@ -136,7 +137,6 @@ class RunSizes:
     @staticmethod
     def make(train, grad_accum_steps: int, source, data_config) -> "RunSizes":
         from detr_jax import data
-
         from detr_jax.validation import check_devices
 
         devices, local = jax.device_count(), jax.local_device_count()
@@ -306,7 +306,8 @@ def train_and_evaluate(config, workdir) -> TrainState:
 
     Writes WORKDIR/config.json, checkpoints/ (every ``train.checkpoint_every_steps`` and at the end,
     the last ``train.keep_checkpoints`` kept), tensorboard/ and history/train.jsonl. SIGTERM or
-    SIGINT (Ctrl-C; a second one exits at once) on any host stops every host after the same step, which is saved; the run then returns cleanly. A
+    SIGINT (Ctrl-C; a second one exits at once) on any host stops every host after the same step,
+    which is saved; the run then returns cleanly. A
     non-finite loss or gradient is never applied; with ``train.on_nonfinite = "stop"`` the run stops
     with an error, the last good checkpoint kept. ``train.compilation_cache_dir`` keeps compiled
     programs across runs; ``train.profile_steps`` traces that many steps (after the run's first)

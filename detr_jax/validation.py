@@ -28,7 +28,8 @@ def one_of(*allowed):
 
 
 def integer(low, high=None):
-    ok = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v and (high is None or v <= high)
+    ok = lambda v: (isinstance(v, numbers.Integral) and not isinstance(v, bool) and low <= v
+                    and (high is None or v <= high))
     return ok, f"an integer >= {low}" + (f" and <= {high}" if high is not None else "")
 
 
@@ -64,7 +65,8 @@ FIELDS = {
         classification=one_of(*CLASSIFICATIONS), focal_alpha=PROBABILITY, focal_gamma=WEIGHT),
     "data": dict(
         source=one_of(*SOURCES), eval_split=one_of(*SPLITS), label_mapping=one_of(*LABEL_MAPPINGS),
-        unknown_category=one_of(*UNKNOWN_CATEGORY_POLICIES), exif=one_of(*EXIF_POLICIES), max_boxes_policy=one_of(*MAX_BOXES_POLICIES),
+        unknown_category=one_of(*UNKNOWN_CATEGORY_POLICIES), exif=one_of(*EXIF_POLICIES),
+        max_boxes_policy=one_of(*MAX_BOXES_POLICIES),
         synthetic_num_train=POSITIVE, synthetic_num_val=POSITIVE, synthetic_max_objects=POSITIVE,
         max_boxes=POSITIVE, flip_prob=PROBABILITY, crop_prob=PROBABILITY, train_scales=sizes(),
         train_max_size=POSITIVE, crop_resize_scales=sizes(), crop_min_size=POSITIVE, crop_max_size=POSITIVE,

@@ -328,8 +328,9 @@ class Batches:
         index, failed, mismatch = batch.pop("_index"), batch.pop("_failed"), batch.pop("_size_mismatch")
         exif = batch.pop("_exif")
         names = self.source.records.file_name
-        for kind, cases in (("unreadable_image", failed), ("size_mismatch", mismatch), ("exif_applied", exif == EXIF_APPLIED),
-                            ("exif_ignored", exif == EXIF_IGNORED), ("exif_by_setting", exif == EXIF_BY_SETTING)):
+        for kind, cases in (("unreadable_image", failed), ("size_mismatch", mismatch),
+                            ("exif_applied", exif == EXIF_APPLIED), ("exif_ignored", exif == EXIF_IGNORED),
+                            ("exif_by_setting", exif == EXIF_BY_SETTING)):
             self.report.add(kind, int(cases.sum()), [str(names[i]) for i in index[cases]])
         return batch
 

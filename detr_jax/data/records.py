@@ -188,7 +188,8 @@ def clean_targets(records: Records, info: DatasetInfo, max_boxes: int, policy: s
     keep = _limit_boxes(records, owner, keep, clipped, max_boxes, policy, report)
     counts = np.bincount(owner[keep], minlength=len(records))
     empty = np.flatnonzero(counts == 0)
-    report.add("empty_image", len(empty), [f"{records.file_name[i]} (image id {records.image_id[i]})" for i in empty[:5]])
+    report.add("empty_image", len(empty),
+               [f"{records.file_name[i]} (image id {records.image_id[i]})" for i in empty[:5]])
     return Targets(boxes=clipped[keep], labels=info.labels(records.category_id[keep]),
                    splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 

@@ -25,7 +25,8 @@ KINDS = {
     "shrunk_to_bucket": "resized image larger than every bucket: scaled down to fit one",
     "epoch_leftover": "train images in partly filled bucket batches: not in that epoch (reshuffled next epoch)",
 }
-EXPECTED = ("crowd_excluded", "epoch_leftover", "exif_ignored", "empty_image")  # normal with COCO: logged at info level, not as warnings
+# normal with COCO: logged at info level, not as warnings
+EXPECTED = ("crowd_excluded", "epoch_leftover", "exif_ignored", "empty_image")
 NAMED = 5  # cases named in the log and kept in ``examples``, per kind
 
 

@@ -61,7 +61,8 @@ def load_for_eval(checkpoint: str, *, workdir, step: int | None = None, model_co
         variables, saved_config = ckpt.load_variables(path)
         differences = ckpt.model_differences(saved_config, model_config) if model_config else []
         if differences:
-            raise ConfigError(f"{path} was converted for another model than --config's: {ckpt.format_changes(differences)} "
+            raise ConfigError(f"{path} was converted for another model than --config's: "
+                              f"{ckpt.format_changes(differences)} "
                               f"(converted -> --config). Pass the config it was converted with (its "
                               f"model_config.json), or convert the original file again with this --config")
         return Loaded(variables, saved_config, None, path.name, None)
