@@ -94,6 +94,20 @@ def margin(cost: np.ndarray) -> float:
     return float(second - best)
 
 
+def store_matching(out: dict, tgts: list, matched: list, cost_dtype=np.float32) -> None:
+    """tgt{i}_*, match/L{l}/img{i}_src / _tgt, match_margin/L{l}/img{i} and the last layer's cost matrices
+    match/L{l}/img{i}_C (as ``cost_dtype``) from the torch targets and ``matched``: per decoder layer
+    (the last one final), (the matcher's indices per image, the cost matrix it solved per image)."""
+    for i, t in enumerate(tgts):
+        out[f"tgt{i}_labels"], out[f"tgt{i}_boxes"] = t["labels"].numpy(), t["boxes"].numpy()
+    for layer, (indices, costs) in enumerate(matched):
+        for i, ((src, tgt), cost) in enumerate(zip(indices, costs)):
+            out[f"match/L{layer}/img{i}_src"], out[f"match/L{layer}/img{i}_tgt"] = src.numpy(), tgt.numpy()
+            out[f"match_margin/L{layer}/img{i}"] = np.float64(margin(cost))
+            if layer == len(matched) - 1:
+                out[f"match/L{layer}/img{i}_C"] = cost.astype(cost_dtype)
+
+
 def layout(build_model, get_args_parser, *argv) -> dict:
     """The official model's {key: shape} for main.py's defaults plus ``argv``."""
     model = build_model(get_args_parser().parse_args(["--device", "cpu", *argv]))[0]
@@ -165,14 +179,7 @@ def main():
     target_seed = max(TARGET_SEEDS, key=lambda s: match(s)[2])
     tgts, matched, smallest = match(target_seed)
     out["target_seed"] = np.int64(target_seed)
-    for i, t in enumerate(tgts):
-        out[f"tgt{i}_labels"], out[f"tgt{i}_boxes"] = t["labels"].numpy(), t["boxes"].numpy()
-    for layer, (indices, costs) in enumerate(matched):
-        for i, ((src, tgt), cost) in enumerate(zip(indices, costs)):
-            out[f"match/L{layer}/img{i}_src"], out[f"match/L{layer}/img{i}_tgt"] = src.numpy(), tgt.numpy()
-            out[f"match_margin/L{layer}/img{i}"] = np.float64(margin(cost))
-            if layer == 5:
-                out[f"match/L5/img{i}_C"] = cost.astype(np.float32)
+    store_matching(out, tgts, matched)
     print(f"target seed {target_seed}: smallest matching margin {smallest:.4f}")
 
     losses = criterion(outputs, tgts)
