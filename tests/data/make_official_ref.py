@@ -121,6 +121,21 @@ def store_outputs(out: dict, layers: list, suffix: str = "") -> None:
         out[f"aux_{key}{suffix}"] = np.stack([o[key].detach().numpy() for o in layers[:-1]]).astype(np.float32)
 
 
+def store_losses(out: dict, model, criterion, outputs: dict, targets: list, grad_keys: dict) -> dict:
+    """Every SetCriterion output (``loss/<name>``), the weight_dict (``weight/<name>``), ``loss_total``
+    (their weighted sum) and, after its backward pass, ``grad/<key>`` (of the first ``rows`` rows,
+    None = all) for ``grad_keys`` {key: rows}; returns the model's named parameters."""
+    losses = criterion(outputs, targets)
+    total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+    total.backward()
+    parameters = dict(model.named_parameters())
+    out.update({f"grad/{k}": parameters[k].grad.numpy()[:rows].copy() for k, rows in grad_keys.items()})
+    out.update({f"loss/{k}": np.float64(v.item()) for k, v in losses.items()})
+    out.update({f"weight/{k}": np.float64(w) for k, w in criterion.weight_dict.items()})
+    out["loss_total"] = np.float64(total.item())
+    return parameters
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--official", required=True, type=Path, help="an export of facebookresearch/detr")
@@ -182,14 +197,7 @@ def main():
     store_matching(out, tgts, matched)
     print(f"target seed {target_seed}: smallest matching margin {smallest:.4f}")
 
-    losses = criterion(outputs, tgts)
-    total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
-    total.backward()
-    parameters = dict(model.named_parameters())
-    out.update({f"grad/{k}": parameters[k].grad.numpy()[:rows].copy() for k, rows in GRAD_KEYS.items()})
-    out.update({f"loss/{k}": np.float64(v.item()) for k, v in losses.items()})
-    out.update({f"weight/{k}": np.float64(w) for k, w in criterion.weight_dict.items()})
-    out["loss_total"] = np.float64(total.item())
+    store_losses(out, model, criterion, outputs, tgts, GRAD_KEYS)
     with torch.no_grad():
         post = postprocessors["bbox"](outputs, torch.as_tensor(IMAGE_SIZES))
         out.update({f"post_{k}": np.stack([p[k].numpy() for p in post]) for k in ("scores", "labels", "boxes")})
