@@ -31,7 +31,8 @@ flags.DEFINE_string("checkpoint", "", "Empty: the workdir's latest training chec
 flags.DEFINE_integer("step", None, "Evaluate this training checkpoint step instead of the latest.")
 flags.DEFINE_integer("batch_size", None, "Global eval batch size (default: config.eval.batch_size, 8).")
 flags.DEFINE_float("score_threshold", None, "Keep detections scoring at least this (default 0: all, official).")
-flags.DEFINE_integer("topk", None, "Keep each image's k best queries (default 0: all, official).")
+flags.DEFINE_integer("topk", None, "Keep each image's k best detections (default 0, official: softmax models all "
+                     "queries, sigmoid_focal models the 100 best (query, class) pairs).")
 flags.DEFINE_string("ground_truth", None, "An instances json to evaluate against (e.g. the official "
                     "instances_val2017.json with tfds COCO); default: the dataset's own annotations.")
 flags.DEFINE_enum("padding", None, list(PADDINGS), "The model's padding for the evaluation (default: "

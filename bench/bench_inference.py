@@ -1,6 +1,6 @@
 """Inference latency and throughput of DETR (forward pass, random weights) on this machine.
 
-One row per model x image size x batch x dtype x attention x padding: compile seconds, milliseconds per batch
+One row per decoder x model x image size x batch x dtype x attention x padding: compile seconds, milliseconds per batch
 (median and spread of the timed runs after one warm-up), per image, images/s, GFLOPs per image
 from XLA's cost analysis of the compiled program (2 per multiply-add), the FLOP rate reached, and
 memory (the program's arguments + outputs + scratch from XLA's memory analysis, per device; on
@@ -12,6 +12,8 @@ GPU/TPU also the allocator's peak so far in the process, so rows are best run fr
       --dtypes bfloat16 --attention fused --json inference.json
   python bench/bench_inference.py --models r50 --sizes 800x1066 --batches 1 --dtypes float32 \\
       --attention xla --padding exact official   # the cost of config.model.padding = "exact"
+  python bench/bench_inference.py --models r50 --sizes 800x1066 --batches 1 --dtypes float32 \
+      --attention xla --decoders detr conditional dab   # each decoder with its paper's COCO recipe
 """
 import argparse
 import itertools
@@ -57,6 +59,8 @@ def main(argv=None):
     parser.add_argument("--padding", nargs="+", default=["exact"], choices=PADDINGS, help="config.model.padding")
     parser.add_argument("--conv_impl", nargs="+", default=["auto"], choices=["auto", "xla", "gemm"],
                         help="config.model.conv_impl")
+    parser.add_argument("--decoders", nargs="+", default=["detr"], choices=list(common.DECODER_CONFIGS),
+                        help="config.model.decoder, each with its paper's COCO recipe (configs/DECODER_coco.py)")
     parser.add_argument("--repeats", type=int, default=10, help="timed runs after one warm-up")
     parser.add_argument("--quick", action="store_true", help=f"a few minutes on a CPU: {QUICK}")
     parser.add_argument("--json", help="also write the rows to this json file")
@@ -66,7 +70,8 @@ def main(argv=None):
 
     env = common.environment()
     print(common.environment_line(env))
-    table = common.Table([("model", "model", "<8"), ("size", "size", ">9"), ("batch", "batch", "5d"),
+    table = common.Table([("decoder", "decoder", "<11"), ("model", "model", "<8"), ("size", "size", ">9"),
+                          ("batch", "batch", "5d"),
                           ("dtype", "dtype", ">8"), ("attn", "attention", ">5"), ("padding", "padding", ">8"),
                           ("conv", "conv_impl", ">5"),
                           ("compile s", "compile_s", "9.1f"),
@@ -76,14 +81,15 @@ def main(argv=None):
                           ("prog MiB", "program_mib", "8.0f"), ("peak MiB", "device_peak_mib", "8.0f")])
     print(table.header())
     rows = []
-    for name, dtype, attention, padding, conv_impl in itertools.product(args.models, args.dtypes, args.attention,
-                                                                         args.padding, args.conv_impl):
-        config = common.load_config("configs/detr_coco.py", name)
+    for decoder, name, dtype, attention, padding, conv_impl in itertools.product(
+            args.decoders, args.models, args.dtypes, args.attention, args.padding, args.conv_impl):
+        config = common.load_config(common.DECODER_CONFIGS[decoder], name)
         config.model.update(dtype=dtype, attention=attention, padding=padding, conv_impl=conv_impl)
         model = build_model(config.model)
         variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
         for size, batch in itertools.product(args.sizes, args.batches):
-            rows.append({"model": name, "size": size, "batch": batch, "dtype": dtype, "attention": attention,
+            rows.append({"decoder": decoder, "model": name, "size": size, "batch": batch, "dtype": dtype,
+                         "attention": attention,
                          "padding": padding, "conv_impl": conv_impl,
                          **measure(model, variables, batch, common.parse_size(size), args.repeats)})
             print(table.line(rows[-1]), flush=True)

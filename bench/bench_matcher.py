@@ -47,7 +47,7 @@ def main():
         for mean in args.targets:
             outputs, targets, actual = problem(batch, mean)
             for method in args.methods:
-                fn = jax.jit(lambda o, t, m=method: match(o, t, cfg, m))
+                fn = jax.jit(lambda o, t, m=method: match(o, t, cfg, "softmax", m))
                 median, spread, _ = common.time_call(fn, (outputs, targets), args.repeats)
                 row = dict(batch=batch, targets_per_image=actual, method=method, ms_per_step=1e3 * median,
                            spread_ms=1e3 * spread)

@@ -5,8 +5,8 @@ local devices, state donated): forward, Hungarian matching of all 6 decoder laye
 auxiliary terms, backward (none through the frozen stem and layer1), psum, AdamW with clipping.
 Random weights and images, about 7 target boxes per image (COCO's mean) padded to 100.
 
-One row per model x image size x global batch x dtype x attention x remat x matcher x padding: compile
-seconds, seconds per step (median and spread of the timed steps after one warm-up), images/s (all
+One row per (decoder) model x image size x global batch x dtype x attention x remat x matcher x padding:
+compile seconds, seconds per step (median and spread of the timed steps after one warm-up), images/s (all
 devices and per device), GFLOPs per image of the compiled step (XLA cost analysis), the FLOP rate
 reached per device, the matcher's share of the step (the same matching, timed alone on one
 device's batch), and memory per device (XLA's memory analysis; GPU/TPU: the allocator's peak so far).
@@ -21,6 +21,7 @@ on one device's batch with its GFLOPs (XLA cost analysis) and FLOP rate.
   python bench/bench_train.py                              # R50, 800x1088 and 512x512, batch 4 per device
   python bench/bench_train.py --quick                      # CPU: R50, batch 2, 512x512, float32
   python bench/bench_train.py --quick --parts --official=../official_detr --official_python=../torchenv/bin/python
+  python bench/bench_train.py --quick --decoders detr conditional dab     # each decoder's paper recipe, side by side
   python bench/bench_train.py --sizes 800x1088 --batches 64 --dtypes bfloat16 --attention fused \\
       --remat none transformer all --json train.json      # one H100
   python bench/bench_train.py --config configs/synthetic.py --models demo --sizes 192x256 --batches 8 \\
@@ -76,7 +77,7 @@ def matching_seconds(config, device_batch: int, repeats: int) -> float:
                                                 num_classes=config.model.num_classes,
                                                 max_boxes=config.data.max_boxes,
                                                 layers=config.model.num_decoder_layers)
-    fn = jax.jit(lambda o, t: match(o, t, config.loss))
+    fn = jax.jit(lambda o, t: match(o, t, config.loss, config.model.classification))
     return common.time_call(fn, (outputs, targets), repeats)[0]
 
 
@@ -205,7 +206,7 @@ def part_programs(config, device_batch: int, size: tuple[int, int]) -> dict:
     def head_loss(p, features):
         outputs = head.apply({"params": p, "inputs": {"backbone": {"features": features}}}, batch["image"],
                              batch["padding_mask"], train=True, rngs={"dropout": rng})
-        return compute_loss(outputs, batch_targets(batch), config.loss)[0]
+        return compute_loss(outputs, batch_targets(batch), config.loss, config.model.classification)[0]
 
     backbone_grad = jax.grad(lambda p, x: jnp.vdot(backbone_forward(p, x), cotangent))
     return {"backbone forward": (jax.jit(backbone_forward), (params["backbone"], batch["image"])),
@@ -233,6 +234,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/detr_coco.py", help="the config file of --models")
     parser.add_argument("--models", nargs="+", default=["r50"], help="variants of --config")
+    parser.add_argument("--decoders", nargs="+", default=None, choices=list(common.DECODER_CONFIGS),
+                        help="instead of --config: each decoder's paper COCO recipe (configs/DECODER_coco.py)")
     parser.add_argument("--sizes", nargs="+", default=["800x1088", "512x512"], help="image sizes HxW")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help="global batch sizes (default: 4 per device, as official)")
@@ -258,7 +261,8 @@ def main(argv=None):
     print(common.environment_line(env) + "; AdamW, clip 0.1, aux loss, ~7 boxes per image padded to 100")
     if not args.official:
         print(f"({HOW_TO_OFFICIAL})")
-    table = common.Table([("model", "model", "<8"), ("size", "size", ">9"), ("batch", "batch", "5d"),
+    table = common.Table([("decoder", "decoder", "<11"), ("model", "model", "<8"), ("size", "size", ">9"),
+                          ("batch", "batch", "5d"),
                           ("dtype", "dtype", ">8"), ("attn", "attention", ">5"), ("remat", "remat", ">11"),
                           ("match", "matcher", ">6"), ("padding", "padding", ">8"), ("conv", "conv_impl", ">5"),
                           ("compile s", "compile_s", "9.1f"), ("s/step", "s_per_step", "7.3f"), ("+-", "spread_s", "6.3f"),
@@ -269,21 +273,24 @@ def main(argv=None):
                           ("official s", "official_s", "10.3f"), ("ours/off", "vs_official", "8.2f")])
     print(table.header())
     rows, parts = [], []
-    for name, size, batch, dtype, attention, remat, matcher, padding, conv_impl in itertools.product(
-            args.models, args.sizes, batches, args.dtypes, args.attention, args.remat, args.matchers, args.padding,
-            args.conv_impl):
-        config = common.load_config(args.config, name)
+    config_files = {d: common.DECODER_CONFIGS[d] for d in args.decoders} if args.decoders else {"": args.config}
+    for (decoder, config_file), name, size, batch, dtype, attention, remat, matcher, padding, conv_impl in (
+            itertools.product(config_files.items(), args.models, args.sizes, batches, args.dtypes, args.attention,
+                              args.remat, args.matchers, args.padding, args.conv_impl)):
+        config = common.load_config(config_file, name)
+        decoder = config.model.decoder
         config.model.update(dtype=dtype, attention=attention, remat=remat, padding=padding, conv_impl=conv_impl)
         config.loss.matcher = matcher
         official = None
-        if args.official and official_args(name) is not None:
+        if args.official and decoder == "detr" and official_args(name) is not None:
             official = OfficialStep(args.official_python, args.official, official_args(name), batch, size)
         try:
             row = measure(config, batch, common.parse_size(size), args.repeats, official)
         finally:
             if official is not None:
                 official.close()
-        rows.append({"model": name, "size": size, "batch": batch, "dtype": dtype, "attention": attention,
+        rows.append({"decoder": decoder, "model": name, "size": size, "batch": batch, "dtype": dtype,
+                     "attention": attention,
                      "remat": remat, "matcher": matcher, "padding": padding, "conv_impl": conv_impl, **row})
         print(table.line(rows[-1]), flush=True)
         if args.parts:

@@ -68,6 +68,10 @@ def time_alternating(fns, repeats: int, warmup: int = 1):
     return times
 
 
+DECODER_CONFIGS = {"detr": "configs/detr_coco.py", "conditional": "configs/conditional_coco.py",
+                   "dab": "configs/dab_coco.py"}  # --decoders: each decoder's COCO recipe
+
+
 def load_config(path: str, variant: str = ""):
     """``get_config(variant)`` of a config file (relative paths from the repository root)."""
     path = Path(path) if Path(path).is_absolute() or Path(path).exists() else REPO / path

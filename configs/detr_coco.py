@@ -30,15 +30,18 @@ MODELS = {
 SCHEDULES = {500: 400, 300: 200, 150: 100}  # epochs: lr drop epoch
 
 
-def parse_variant(arg: str) -> tuple[str, int]:
-    """'r50_dc5_300ep' -> ('r50_dc5', 300); 'r101' -> ('r101', 500)."""
-    model, epochs = arg or "r50", 500
+def parse_variant(arg: str, schedules=None, file: str = "configs/detr_coco.py",
+                  default_epochs: int = 500) -> tuple[str, int]:
+    """'r50_dc5_300ep' -> ('r50_dc5', 300); 'r101' -> ('r101', default_epochs); the epochs one of
+    ``schedules`` (default SCHEDULES)."""
+    schedules = SCHEDULES if schedules is None else schedules
+    model, epochs = arg or "r50", default_epochs
     if model.endswith("ep") and "_" in model:
         model, _, suffix = model.rpartition("_")
         epochs = int(suffix[:-2]) if suffix[:-2].isdigit() else -1
-    if model not in MODELS or epochs not in SCHEDULES:
-        raise ValueError(f"configs/detr_coco.py: unknown variant {arg!r}; expected MODEL[_EPOCHSep] with MODEL in "
-                         f"{', '.join(MODELS)} and EPOCHS in {', '.join(map(str, SCHEDULES))}")
+    if model not in MODELS or epochs not in schedules:
+        raise ValueError(f"{file}: unknown variant {arg!r}; expected MODEL[_EPOCHSep] with MODEL in "
+                         f"{', '.join(MODELS)} and EPOCHS in {', '.join(map(str, schedules))}")
     return model, epochs
 
 

@@ -9,23 +9,38 @@ DETR trains from it:
   python train.py --config=configs/synthetic.py --workdir=runs/synthetic       # the demo
   python train.py --config=configs/synthetic.py:tiny --workdir=/tmp/smoke      # seconds: smoke test
 
-Variants: default (the demo), tiny (a few steps of a tiny model, for smoke tests), overfit (8
-training images, evaluated on themselves: checks that the model can fit them).
+Variants: [DECODER_]VARIANT. VARIANT: demo (default), tiny (a few steps of a tiny model, for smoke
+tests), overfit (8 training images, evaluated on themselves: checks that the model can fit them).
+DECODER: conditional or dab, the same backbone, sizes and budget with Conditional DETR's or
+DAB-DETR's decoder and loss settings (configs/decoders.py), e.g. ``synthetic.py:dab`` (the demo),
+``synthetic.py:conditional_tiny``.
 """
 import ml_collections
 
+from configs.decoders import RECIPES, apply_recipe
 from detr_jax.config import (data_config, eval_config, init_config, loss_config, model_config, optim_config,
                               train_config)
+
+VARIANTS = ("demo", "tiny", "overfit")
 
 SMALL_SIZES = dict(train_scales=(128, 144, 160, 176, 192), train_max_size=256, crop_resize_scales=(128, 160),
                    crop_min_size=96, crop_max_size=160, eval_size=160, eval_max_size=256,
                    buckets=((192, 256), (256, 192)))  # short side <= 192, long <= 256: two shapes to compile
 
 
+def parse_variant(arg: str) -> tuple[str, str]:
+    """'dab_tiny' -> ('dab', 'tiny'); 'conditional' -> ('conditional', 'demo'); '' -> ('detr', 'demo')."""
+    arg = arg or "demo"
+    decoder, _, variant = arg.partition("_") if arg.partition("_")[0] in RECIPES else ("detr", "", arg)
+    variant = variant or "demo"
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected [DECODER_]VARIANT with DECODER "
+                         f"one of {', '.join(RECIPES)} and VARIANT one of {', '.join(VARIANTS)}")
+    return decoder, variant
+
+
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-    variant = arg or "demo"
-    if variant not in ("demo", "tiny", "overfit"):
-        raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected tiny or overfit (or none)")
+    decoder, variant = parse_variant(arg)
     config = ml_collections.ConfigDict()
     config.model = model_config(backbone="resnet_tiny", backbone_norm="group_norm", frozen_stages=-1, num_classes=5,
                                 num_queries=10, hidden_dim=128, num_heads=4, num_encoder_layers=3,
@@ -56,4 +71,4 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                            train_scales=(160,), buckets=((256, 256),), eval_split="train")
         config.train.update(batch_size=8, num_steps=800, num_epochs=0.0, eval_every_steps=400)
         config.init.pretrain_steps = 0  # memorising 8 images needs no pretrained features
-    return config
+    return apply_recipe(config, decoder)

@@ -30,18 +30,18 @@ def _safe_div(num, den):
     return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
 
 
-def _iou_parts(a, b):
-    """Broadcasting a, b [..., 4] xyxy -> (iou, union, enclosing area)."""
+def _iou_parts(a, b, eps: float = 0.0):
+    """Broadcasting a, b [..., 4] xyxy -> (iou, union, enclosing area); eps added to the union."""
     inter_wh = jnp.clip(jnp.minimum(a[..., 2:], b[..., 2:]) - jnp.maximum(a[..., :2], b[..., :2]), 0)
     inter = inter_wh[..., 0] * inter_wh[..., 1]
     union = area(a) + area(b) - inter
     hull_wh = jnp.clip(jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), 0)
-    return _safe_div(inter, union), union, hull_wh[..., 0] * hull_wh[..., 1]
+    return _safe_div(inter, union + eps), union, hull_wh[..., 0] * hull_wh[..., 1]
 
 
-def _giou(a, b):
-    iou, union, hull = _iou_parts(a, b)
-    return iou - _safe_div(hull - union, hull)
+def _giou(a, b, eps: float = 0.0):
+    iou, union, hull = _iou_parts(a, b, eps)
+    return iou - _safe_div(hull - union, hull + eps)
 
 
 def _pairwise(a, b):
@@ -53,11 +53,12 @@ def box_iou(boxes1_xyxy, boxes2_xyxy):
     return _iou_parts(*_pairwise(boxes1_xyxy, boxes2_xyxy))[0]
 
 
-def generalized_box_iou(boxes1_xyxy, boxes2_xyxy):
-    """Pairwise GIoU (Rezatofighi et al. 2019): [..., N, 4], [..., M, 4] -> [..., N, M] in [-1, 1]."""
-    return _giou(*_pairwise(boxes1_xyxy, boxes2_xyxy))
+def generalized_box_iou(boxes1_xyxy, boxes2_xyxy, eps: float = 0.0):
+    """Pairwise GIoU (Rezatofighi et al. 2019): [..., N, 4], [..., M, 4] -> [..., N, M] in [-1, 1].
+    eps: added to the union and the enclosing area before dividing (0 official DETR, 1e-6 DAB-DETR)."""
+    return _giou(*_pairwise(boxes1_xyxy, boxes2_xyxy), eps)
 
 
-def elementwise_generalized_box_iou(boxes1_xyxy, boxes2_xyxy):
+def elementwise_generalized_box_iou(boxes1_xyxy, boxes2_xyxy, eps: float = 0.0):
     """GIoU of corresponding boxes: [..., 4], [..., 4] -> [...] (the diagonal of the pairwise one)."""
-    return _giou(boxes1_xyxy, boxes2_xyxy)
+    return _giou(boxes1_xyxy, boxes2_xyxy, eps)

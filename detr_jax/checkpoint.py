@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from detr_jax.config import loss_config as default_loss_config
 from detr_jax.config import model_config as default_model_config
 from detr_jax.errors import UsageError
 
@@ -28,10 +29,22 @@ def with_defaults(saved_model_config) -> ml_collections.ConfigDict:
 
 
 def with_model_defaults(saved_config) -> ml_collections.ConfigDict:
-    """A saved run config with its config.model read through ``with_defaults``."""
+    """A saved run config with its config.model read through ``with_defaults`` and its config.loss
+    through ``loss_config``'s defaults. A run saved when focal classification was a loss setting
+    (``loss.classification``; the model kept an unused no-object logit) is refused: read as today's
+    focal model it would have one logit too many, read as softmax its scores would be wrong."""
     config = ml_collections.ConfigDict(saved_config.to_dict())
+    old_classification = config.get("loss", {}).get("classification")
+    if old_classification == "sigmoid_focal":
+        raise IncompatibleCheckpoint(
+            "this checkpoint's run trained with the old config.loss.classification = 'sigmoid_focal' (a focal loss "
+            "on a model with a no-object logit): today's focal models (config.model.classification) have "
+            "num_classes logits, so it cannot be read as either kind; retrain it")
     if "model" in config:
         config.model = with_defaults(config.model)
+    if "loss" in config:
+        loss = {k: v for k, v in config.loss.items() if k != "classification"}  # "softmax": now the model's default
+        config.loss = default_loss_config(**loss)
     return config
 
 

@@ -6,7 +6,7 @@ The defaults are the official DETR-R50 (facebookresearch/detr ``main.py``); conf
 """
 import ml_collections
 
-ACTIVATIONS = ("relu", "gelu", "swish", "mish")
+ACTIVATIONS = ("relu", "gelu", "swish", "mish", "prelu")
 NORMS = ("layer_norm", "rms_norm")
 FFN_TYPES = ("mlp", "swiglu", "geglu", "glu")
 POSITION_EMBEDDINGS = ("sine", "learned")
@@ -14,6 +14,8 @@ DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("xla", "fused")
 REMATS = ("none", "transformer", "backbone", "all")
 PADDINGS = ("exact", "official")
+DECODERS = ("detr", "conditional", "dab")  # detr_jax.models.decoders
+CLASSIFICATIONS = ("softmax", "sigmoid_focal")  # detr_jax.classification
 ON_NONFINITE = ("stop", "skip")
 
 
@@ -21,8 +23,15 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     """The model's settings (official DETR-R50 defaults), with ``overrides`` applied.
 
     Fields:
-      num_classes: highest class index + 1 (COCO: 91, category ids used as indices); the class head
-        has ``num_classes + 1`` logits, the last is no-object.
+      num_classes: highest class index + 1 (COCO: 91, category ids used as indices).
+      classification: one of CLASSIFICATIONS (``detr_jax.classification``): "softmax" (official
+        DETR: num_classes + 1 logits, the last no-object, cross-entropy) or "sigmoid_focal"
+        (Conditional / DAB / Deformable DETR: num_classes sigmoid scores, focal loss); the head,
+        matcher, loss and postprocess follow it.
+      decoder: one of DECODERS (``detr_jax.models.decoders``): "detr" (official DETR), "conditional"
+        (Conditional DETR: reference points, conditional spatial queries) or "dab" (DAB-DETR: 4-d
+        anchor boxes refined layer by layer; its encoder scales the position embedding, and its
+        position embedding has temperature 20).
       num_queries: object queries (detection slots) per image.
       hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout: transformer.
       activation: FFN activation for ``ffn_type='mlp'``, one of ACTIVATIONS.
@@ -62,6 +71,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     """
     cfg = ml_collections.ConfigDict(dict(
         num_classes=91,
+        classification="softmax",
+        decoder="detr",
         num_queries=100,
         hidden_dim=256,
         num_heads=8,
@@ -97,8 +108,10 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
       eos_coef: relative weight of the no-object class in the cross-entropy (0.1).
       aux_loss: apply the same terms to every auxiliary decoder output.
       matcher: "host" (scipy through jax.pure_callback) or "device" (exact, no host round-trip).
-      classification: "softmax" (official cross-entropy) or "sigmoid_focal" (focal loss).
-      focal_alpha, focal_gamma: focal-loss parameters (0.25 / 2.0).
+      focal_alpha, focal_gamma: focal loss and matching cost parameters (0.25 / 2.0) of a
+        ``config.model.classification = "sigmoid_focal"`` model.
+      giou_eps: added to the union and the enclosing area of the GIoU in the loss and the matching
+        cost (0: official DETR, Conditional DETR; DAB-DETR's code adds 1e-6).
     """
     cfg = ml_collections.ConfigDict(dict(
         cost_class=1.0,
@@ -110,9 +123,9 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
         eos_coef=0.1,
         aux_loss=True,
         matcher="host",
-        classification="softmax",
         focal_alpha=0.25,
         focal_gamma=2.0,
+        giou_eps=0.0,
     ))
     cfg.update(overrides)
     return cfg
@@ -298,7 +311,9 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
       batch_size: global eval batch (over all hosts; each host's share is rounded up to a multiple of
         its devices). The metrics do not depend on it.
       score_threshold: keep detections scoring at least this (0.0: all, official).
-      topk: keep each image's k best queries (0: all num_queries, official).
+      topk: softmax models: keep each image's k best queries (0: all num_queries, official);
+        sigmoid_focal models: each image's k best (query, class) pairs (0: 100, official; DAB-DETR's
+        official PostProcess keeps 300, as its configs set).
       ground_truth: "" (the dataset's own annotations) or an instances json to evaluate against, e.g.
         the official annotations/instances_val2017.json with tfds COCO.
       padding: the model's padding (PADDINGS, see ``model_config``) for evaluation, its val loss and

@@ -1,4 +1,5 @@
-"""Official PyTorch DETR and torchvision ResNet weights <-> detr-jax Flax variables.
+"""Official PyTorch DETR (and Conditional DETR, DAB-DETR) and torchvision ResNet weights <-> detr-jax
+Flax variables.
 
 The mapping is derived from the Flax model itself: every Flax leaf names the official key it comes
 from (``official_key``), so any variant (R50/R101, DC5, pre-norm, learned position embedding, any
@@ -23,11 +24,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from detr_jax.classification import classification as classification_of
 from detr_jax.errors import DataError, UsageError
 from detr_jax.models.detr import build_model, class_head
 
 BACKBONE_PREFIX = "backbone.0.body."
 _QKV = ("q_proj", "k_proj", "v_proj")
+_EMBEDDINGS = ("query_embed", "refpoint_embed", "row_embed", "col_embed")  # official nn.Embedding: key.weight
+# --source: the code base a whole-model checkpoint comes from -> config.model's (decoder, classification)
+SOURCES = {
+    "official": ("detr", "softmax"),  # facebookresearch/detr
+    "conditional_detr": ("conditional", "sigmoid_focal"),  # Atten4Vis/ConditionalDETR
+    "dab_detr": ("dab", "sigmoid_focal"),  # IDEA-Research/DAB-DETR
+}
+# state_dict keys of a decoder's official model that repeat a shared module: alias prefix -> its prefix
+ALIASES = {"dab": {"transformer.decoder.bbox_embed.": "bbox_embed."}}
 
 
 class CheckpointMismatchError(UsageError, ValueError):
@@ -56,8 +67,8 @@ def official_key(path: tuple[str, ...]) -> tuple[str, int | None]:
             continue
         elif match := re.fullmatch(r"(encoder|decoder)_layers_(\d+)", m):
             parts += [match[1], "layers", match[2]]
-        elif match := re.fullmatch(r"(encoder|decoder)_norm", m):
-            parts += [match[1], "norm"]
+        elif match := re.fullmatch(r"(encoder|decoder)_(norm|query_scale|ref_point_head|ref_anchor_head)", m):
+            parts += [match[1], match[2]]
         elif match := re.fullmatch(r"(layer\d|layers)_(\d+)", m):
             parts += [match[1], match[2]]
         elif m in ("downsample_conv", "downsample_bn"):
@@ -67,9 +78,9 @@ def official_key(path: tuple[str, ...]) -> tuple[str, int | None]:
     if parts and parts[-1] in _QKV:
         qkv = _QKV.index(parts.pop())
         return ".".join(parts + ["in_proj_weight" if leaf == "kernel" else "in_proj_bias"]), qkv
-    if leaf in ("query_embed", "row_embed", "col_embed"):
+    if leaf in _EMBEDDINGS:
         parts.append(leaf)
-    name = "weight" if leaf in ("kernel", "scale", "query_embed", "row_embed", "col_embed") else leaf
+    name = "weight" if leaf in ("kernel", "scale") + _EMBEDDINGS else leaf
     return ".".join(parts + [name]), None
 
 
@@ -144,14 +155,43 @@ def _check(state_dict, expected: dict[str, tuple], ignore=lambda key: False, hin
 
 def _check_num_classes(state_dict, model_config) -> None:
     weight = state_dict.get("class_embed.weight")
-    if weight is not None and np.shape(weight)[0] != model_config.num_classes + 1:
-        n = np.shape(weight)[0]
+    kind = classification_of(model_config.classification)
+    if weight is not None and np.shape(weight)[0] != kind.num_logits(model_config.num_classes):
+        n = kind.num_classes(np.shape(weight)[0])
+        logits = f"num_classes={n} + no-object" if kind.name == "softmax" else f"num_classes={n}, sigmoid_focal"
         raise CheckpointMismatchError(
-            f"class_embed.weight has {n} logits (num_classes={n - 1} + no-object) but config.model.num_classes="
-            f"{model_config.num_classes}. To evaluate this checkpoint set --config.model.num_classes={n - 1}; to "
+            f"class_embed.weight has {np.shape(weight)[0]} logits ({logits}) but config.model.num_classes="
+            f"{model_config.num_classes}. To evaluate this checkpoint set --config.model.num_classes={n}; to "
             "fine-tune it on your classes keep your num_classes and drop its class head "
             "(drop_class_head=True, or --drop_class_head on the command line), which loads everything else "
             "and initialises a new class_embed.")
+
+
+def check_source(source: str, model_config) -> None:
+    """A clear error when config.model is not the model of the code base ``source`` (SOURCES)."""
+    decoder, classification = SOURCES[source]
+    if (model_config.decoder, model_config.classification) != (decoder, classification):
+        raise CheckpointMismatchError(
+            f"--source={source} checkpoints are models with decoder {decoder!r} and classification "
+            f"{classification!r}, but config.model has decoder={model_config.decoder!r} and classification="
+            f"{model_config.classification!r}: pass the config of that model (configs/detr_coco.py:r50, "
+            "configs/conditional_coco.py:r50 or configs/dab_coco.py:r50) or set those two fields")
+
+
+def without_aliases(state_dict, decoder: str) -> dict:
+    """The state_dict without the keys that repeat a shared module (ALIASES), each checked equal to
+    the key it repeats (a file whose aliases differ is not an official model)."""
+    aliases = ALIASES.get(decoder, {})
+    out = {}
+    for key, value in state_dict.items():
+        alias = next((a for a in aliases if key.startswith(a)), None)
+        if alias is None:
+            out[key] = value
+            continue
+        original = aliases[alias] + key[len(alias):]
+        if original in state_dict and not np.array_equal(np.asarray(value), np.asarray(state_dict[original])):
+            raise CheckpointMismatchError(f"{key} should repeat {original} (one shared module), but the values differ")
+    return out
 
 
 def _unflatten(flat: dict) -> dict:
@@ -168,7 +208,8 @@ def from_official_state_dict(state_dict, model_config, *, drop_class_head: bool 
     ``drop_class_head``: ignore the checkpoint's class_embed and initialise a new one for
     ``model_config.num_classes`` from ``rng`` (fine-tuning on another set of classes).
     """
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+    state_dict = without_aliases({k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")},
+                                 model_config.decoder)
     leaves = model_leaves(model_config)
     expected = {leaf.key: _official_shape(leaf) for leaf in leaves}
     is_head = lambda key: key.startswith("class_embed.")
@@ -180,7 +221,7 @@ def from_official_state_dict(state_dict, model_config, *, drop_class_head: bool 
     flat = {(leaf.collection, leaf.path): _to_flax(leaf, np.asarray(state_dict[leaf.key], np.float32))
             for leaf in leaves if leaf.key in expected}
     if drop_class_head:
-        head = class_head(model_config.num_classes, model_config.hidden_dim).init(
+        head = class_head(model_config.num_classes, model_config.hidden_dim, model_config.classification).init(
             jax.random.PRNGKey(0) if rng is None else rng, jnp.zeros((1, model_config.hidden_dim)))
         for name, value in head["params"].items():
             flat[("params", ("class_embed", name))] = value
@@ -189,14 +230,18 @@ def from_official_state_dict(state_dict, model_config, *, drop_class_head: bool 
 
 def to_official_state_dict(variables, model_config) -> dict[str, np.ndarray]:
     """The inverse of ``from_official_state_dict``: official key -> float32 numpy array, loadable
-    by the official PyTorch model with ``load_state_dict(..., strict=True)``."""
+    by the official PyTorch model with ``load_state_dict(..., strict=True)`` (shared modules under
+    each of their keys, ALIASES)."""
     flat = {c: flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)) for c, tree in variables.items()}
     grouped: dict[str, list] = {}
     for leaf in model_leaves(model_config):
         value = np.asarray(flat[leaf.collection][leaf.path], np.float32)
         grouped.setdefault(leaf.key, []).append((leaf.qkv, _from_flax(leaf, value)))
-    return {key: parts[0][1] if parts[0][0] is None else np.concatenate([p for _, p in sorted(parts)])
-            for key, parts in grouped.items()}
+    state_dict = {key: parts[0][1] if parts[0][0] is None else np.concatenate([p for _, p in sorted(parts)])
+                  for key, parts in grouped.items()}
+    for alias, original in ALIASES.get(model_config.decoder, {}).items():
+        state_dict.update({alias + k[len(original):]: v for k, v in list(state_dict.items()) if k.startswith(original)})
+    return state_dict
 
 
 def from_torchvision_resnet(state_dict, model_config, variables) -> dict:
@@ -238,21 +283,25 @@ def convert_file(input_path, output_dir, model_config, *, source: str = "officia
                  drop_class_head: bool = False, seed: int = 0) -> dict:
     """Convert a checkpoint file and save it with ``detr_jax.checkpoint.save_variables``.
 
-    source "official": a DETR checkpoint; "torchvision": an ImageNet ResNet whose weights go into the
-    backbone of a freshly initialised model (seed ``seed``). Returns the variables.
+    source: one of SOURCES, a whole model of that code base ("official": facebookresearch/detr;
+    "conditional_detr", "dab_detr"), config.model must describe it; or "torchvision": an ImageNet
+    ResNet whose weights go into the backbone of a freshly initialised model (seed ``seed``).
+    Returns the variables.
     """
     from detr_jax import checkpoint
 
+    if source in SOURCES:
+        check_source(source, model_config)
     state_dict = load_state_dict_file(input_path)
     rng = jax.random.PRNGKey(seed)
-    if source == "official":
+    if source in SOURCES:
         variables = from_official_state_dict(state_dict, model_config, drop_class_head=drop_class_head, rng=rng)
     elif source == "torchvision":
         model = build_model(model_config)
         fresh = jax.jit(model.init)(rng, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
         variables = from_torchvision_resnet(state_dict, model_config, fresh)
     else:
-        raise ValueError(f"source must be 'official' or 'torchvision', got {source!r}")
+        raise ValueError(f"source must be one of {', '.join(SOURCES)} or 'torchvision', got {source!r}")
     checkpoint.save_variables(output_dir, variables, model_config)
     return variables
 
@@ -278,6 +327,7 @@ def assumed_architecture(model) -> str:
             f"{model.backbone}{' DC5 (dilated last stage)' if model.dilation else ''}, "
             f"{model.num_encoder_layers} + {model.num_decoder_layers} layers, "
             f"{'pre' if model.pre_norm else 'post'}-norm, "
+            f"{model.decoder} decoder, {model.classification} classification, "
             f"{model.num_queries} queries, {model.num_classes} classes. Official DC5 files have the keys and shapes "
             f"of their non-DC5 twins: if the file is detr-r50-dc5-*.pth or detr-r101-dc5-*.pth, the --config "
             f"variant must be r50_dc5 or r101_dc5.")
@@ -289,11 +339,14 @@ def _define_flags() -> None:
 
     config_flags.DEFINE_config_file("config", "configs/detr_coco.py:r50", "Config file[:variant]; its "
                                     "config.model describes the model (override with --config.model.x=...).")
-    flags.DEFINE_string("input", None, "Checkpoint to convert: official DETR .pth or .npz of official keys, "
+    flags.DEFINE_string("input", None, "Checkpoint to convert: an official .pth or .npz of official keys, "
                         "or a torchvision ResNet .pth with --source=torchvision.", required=True)
     flags.DEFINE_string("output", None, "Directory to write (must not exist).", required=True)
-    flags.DEFINE_enum("source", "official", ["official", "torchvision"],
-                      "official: a whole DETR model; torchvision: ImageNet ResNet weights for the backbone only.")
+    flags.DEFINE_enum("source", "official", [*SOURCES, "torchvision"],
+                      "official: a whole facebookresearch/detr model; conditional_detr, dab_detr: a whole "
+                      "Atten4Vis/ConditionalDETR or IDEA-Research/DAB-DETR model (with the config of that model, "
+                      "configs/conditional_coco.py or configs/dab_coco.py); torchvision: ImageNet ResNet weights "
+                      "for the backbone only.")
     flags.DEFINE_bool("drop_class_head", False, "Initialise a new class head for config.model.num_classes "
                       "instead of loading the checkpoint's (fine-tuning on other classes).")
     flags.DEFINE_integer("seed", 0, "Seed for the parts initialised fresh.")

@@ -26,7 +26,8 @@ flags.DEFINE_string("checkpoint", "", "A directory written by python -m detr_jax
                     ".pth/.npz file (converted for config.model).")
 flags.DEFINE_integer("step", None, "Use this training checkpoint step of --workdir instead of the latest.")
 flags.DEFINE_float("threshold", 0.7, "Keep detections scoring at least this.")
-flags.DEFINE_integer("topk", 0, "Consider only each image's k best queries (0: all).")
+flags.DEFINE_integer("topk", 0, "Consider only each image's k best detections (0: softmax models all queries, "
+                     "sigmoid_focal models the 100 best (query, class) pairs).")
 flags.DEFINE_integer("batch_size", 8, "Images per batch.")
 flags.DEFINE_bool("draw", False, "Write each image with its detections drawn (NAME.png).")
 flags.DEFINE_bool("decoder_attention", False, "Write each image's decoder cross-attention figure, one panel per "

@@ -1,14 +1,16 @@
 """DETR's set-prediction loss (SetCriterion), with the official terms, names and weights.
 
-``compute_loss(outputs, targets, config.loss)`` returns ``(total, terms)``:
+``compute_loss(outputs, targets, config.loss, config.model.classification)`` returns ``(total, terms)``:
 
-- ``loss_ce``: cross-entropy over all queries, matched ones against their target's label and the
-  rest against no-object, the no-object class weighted by ``eos_coef`` (weighted mean, as torch's
-  ``F.cross_entropy(weight=...)``); with ``classification='sigmoid_focal'`` the focal loss over the
-  real classes, summed and divided by the number of target boxes (Deformable DETR).
+- ``loss_ce``: the model's classification type (``detr_jax.classification``): softmax:
+  cross-entropy over all queries, matched ones against their target's label and the rest against
+  no-object, the no-object class weighted by ``eos_coef`` (weighted mean, as torch's
+  ``F.cross_entropy(weight=...)``); sigmoid_focal: the focal loss over queries x classes, summed
+  and divided by the number of target boxes (Deformable, Conditional and DAB-DETR).
 - ``loss_bbox``: L1 between matched (cx, cy, w, h) boxes; ``loss_giou``: 1 - GIoU; both summed and
   divided by the number of target boxes (at least 1).
-- ``cardinality_error``: mean |#predicted objects - #targets| per image; ``class_error``: 100 -
+- ``cardinality_error``: mean |#predicted objects - #targets| per image (official: a query
+  predicts an object when its best logit is not the last); ``class_error``: 100 -
   top-1 accuracy (%) of matched queries, final layer only. Both are metrics, without gradient.
 - the same terms for each auxiliary decoder layer l, suffixed ``_l`` (``loss_ce_0`` ...).
 
@@ -26,9 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from detr_jax import box_ops
+from detr_jax.classification import classification as classification_of
 from detr_jax.matching import match, stack_layers
-
-CLASSIFICATIONS = ("softmax", "sigmoid_focal")  # config.loss.classification
 
 
 def _psum(x, axis_name):
@@ -36,40 +37,32 @@ def _psum(x, axis_name):
 
 
 def _matched_classes(matched, labels, num_queries, no_object):
-    """matched [B, M], labels [B, M] -> target class of every query [B, Q] (no-object if unmatched)."""
+    """matched [B, M], labels [B, M] -> target class of every query [B, Q] (no_object = num_classes
+    if unmatched)."""
     batch = jnp.arange(matched.shape[0])[:, None]
     index = jnp.where(matched >= 0, matched, num_queries)  # out of range: dropped
     classes = jnp.full((matched.shape[0], num_queries), no_object, jnp.int32)
     return classes.at[batch, index].set(labels, mode="drop")
 
 
-def _layer_sums(logits, boxes, matched, targets, cfg, example_valid):
+def _layer_sums(logits, boxes, matched, targets, cfg, classification, example_valid):
     """(numerator, denominator) of each loss term of one decoder layer, summed over the batch:
-    logits [B, Q, C+1], boxes [B, Q, 4], matched [B, M], example_valid [B] bool (fillers: False)."""
-    b, q, c1 = logits.shape
+    logits [B, Q, C'] (C' = C + 1 softmax, C focal), boxes [B, Q, 4], matched [B, M], example_valid
+    [B] bool (fillers: False)."""
+    q = logits.shape[1]
     valid = matched >= 0
     num_boxes = targets["box_valid"].sum().astype(jnp.float32)
-    target_classes = _matched_classes(matched, targets["labels"], q, c1 - 1)
-    if cfg.classification == "sigmoid_focal":
-        onehot = jax.nn.one_hot(target_classes, c1)[..., :-1]
-        x = logits[..., :-1]
-        p = jax.nn.sigmoid(x)
-        ce = jnp.maximum(x, 0) - x * onehot + jnp.log1p(jnp.exp(-jnp.abs(x)))
-        p_t = p * onehot + (1 - p) * (1 - onehot)
-        alpha_t = cfg.focal_alpha * onehot + (1 - cfg.focal_alpha) * (1 - onehot)
-        focal = (alpha_t * ce * (1 - p_t) ** cfg.focal_gamma).sum((1, 2))
-        loss_ce = (jnp.where(example_valid, focal, 0).sum(), num_boxes)
-    else:
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]
-        weight = jnp.where(target_classes == c1 - 1, cfg.eos_coef, 1.0) * example_valid[:, None]
-        loss_ce = ((weight * nll).sum(), weight.sum())
+    target_classes = _matched_classes(matched, targets["labels"], q, classification.num_classes(logits.shape[-1]))
+    loss_ce = classification.loss_sums(logits, target_classes, example_valid, num_boxes, cfg)
 
     src = jnp.take_along_axis(boxes, jnp.maximum(matched, 0)[..., None], axis=1)  # [B, M, 4]
     l1 = jnp.abs(src - targets["boxes"]).sum(-1)
-    giou = box_ops.elementwise_generalized_box_iou(box_ops.cxcywh_to_xyxy(src), box_ops.cxcywh_to_xyxy(targets["boxes"]))
+    giou = box_ops.elementwise_generalized_box_iou(box_ops.cxcywh_to_xyxy(src),
+                                                   box_ops.cxcywh_to_xyxy(targets["boxes"]), cfg.giou_eps)
 
-    predicted = (jax.lax.stop_gradient(logits).argmax(-1) != c1 - 1).sum(-1)
+    # official for both types: queries whose best logit is not the last one (for focal models that
+    # is class num_classes - 1, not no-object, so the count is near Q)
+    predicted = (jax.lax.stop_gradient(logits).argmax(-1) != logits.shape[-1] - 1).sum(-1)
     cardinality = jnp.where(example_valid, jnp.abs(predicted - targets["box_valid"].sum(-1)), 0)
     return {"loss_ce": loss_ce, "loss_bbox": (jnp.where(valid, l1, 0).sum(), num_boxes),
             "loss_giou": (jnp.where(valid, 1 - giou, 0).sum(), num_boxes),
@@ -84,7 +77,7 @@ def _class_error_sums(logits, matched, labels):
     return wrong.astype(jnp.float32), valid.sum().astype(jnp.float32)
 
 
-def loss_sums(outputs, targets, loss_config, *, method=None) -> dict:
+def loss_sums(outputs, targets, loss_config, classification: str, *, method=None) -> dict:
     """{term: (numerator, denominator)} of every loss term over the batch (float32 scalars): the
     term is numerator / denominator (see ``normalise``), so sums of both over batches, devices or
     hosts give the term of their union exactly.
@@ -99,15 +92,15 @@ def loss_sums(outputs, targets, loss_config, *, method=None) -> dict:
     targets: as ``compute_loss``, optionally with "example_valid" [B] bool: images with False
     (fillers) count nowhere (they have no boxes; their queries and images are left out).
     """
-    cfg = loss_config
+    cfg, kind = loss_config, classification_of(classification)
     example_valid = targets.get("example_valid", jnp.ones(targets["labels"].shape[:1], bool))
-    matched = match(outputs, targets, cfg, method)  # [L, B, M]
+    matched = match(outputs, targets, cfg, classification, method)  # [L, B, M]
     logits, boxes = stack_layers(outputs, cfg.aux_loss)
     num_layers = logits.shape[0]
     sums = {}
     for layer in range(num_layers):
         suffix = "" if layer == num_layers - 1 else f"_{layer}"
-        layer_sums = _layer_sums(logits[layer], boxes[layer], matched[layer], targets, cfg, example_valid)
+        layer_sums = _layer_sums(logits[layer], boxes[layer], matched[layer], targets, cfg, kind, example_valid)
         sums.update({name + suffix: value for name, value in layer_sums.items()})
     sums["class_error"] = _class_error_sums(logits[-1], matched[-1], targets["labels"])
     return sums
@@ -144,11 +137,13 @@ def _unsuffixed(name: str) -> str:
     return base if last.isdigit() else name
 
 
-def compute_loss(outputs, targets, loss_config, *, axis_name=None, method=None):
+def compute_loss(outputs, targets, loss_config, classification: str, *, axis_name=None, method=None):
     """(total, terms) of the set-prediction loss; see the module docstring.
 
     outputs: the model's dict; targets: {"labels" [B, M] int32, "boxes" [B, M, 4] (cxcywh,
     normalised), "box_valid" [B, M] bool, optionally "example_valid" [B] bool (see ``loss_sums``)};
+    classification: the model's (``config.model.classification``, ``detr_jax.classification``);
     method: matcher override ("host" / "device").
     """
-    return normalise(loss_sums(outputs, targets, loss_config, method=method), loss_config, axis_name=axis_name)
+    sums = loss_sums(outputs, targets, loss_config, classification, method=method)
+    return normalise(sums, loss_config, axis_name=axis_name)

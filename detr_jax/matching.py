@@ -3,7 +3,8 @@
 Cost, as official (facebookresearch/detr ``models/matcher.py``), for query q and target t:
 ``cost_class * -prob[q, label_t] + cost_bbox * L1(box_q, box_t) + cost_giou * -GIoU(box_q, box_t)``
 with boxes in normalised cxcywh for L1 and xyxy for GIoU. With ``classification='sigmoid_focal'``
-the class cost is the focal one of Deformable DETR. Targets are padded to ``M = max_boxes`` columns
+the class cost is the focal one of Deformable, Conditional and DAB-DETR (``detr_jax.classification``).
+Targets are padded to ``M = max_boxes`` columns
 with ``box_valid``; padded columns are never matched.
 
 Assignments are returned as ``matched_query`` int32 [L, B, M]: for decoder layer l (L - 1 = final),
@@ -20,6 +21,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from detr_jax import box_ops
+from detr_jax.classification import classification as classification_of
 
 METHODS = ("host", "device")
 # Finite stand-in for non-finite costs (a diverged model must not crash scipy).
@@ -27,31 +29,20 @@ _BIG = 1e8
 
 
 def stack_layers(outputs, with_aux: bool):
-    """(pred_logits [L, B, Q, C+1], pred_boxes [L, B, Q, 4]), auxiliary layers first, final last."""
+    """(pred_logits [L, B, Q, C'], pred_boxes [L, B, Q, 4]), auxiliary layers first, final last."""
     layers = (list(outputs.get("aux_outputs", [])) if with_aux else []) + [outputs]
     return (jnp.stack([o["pred_logits"] for o in layers]), jnp.stack([o["pred_boxes"] for o in layers]))
 
 
-def class_cost(pred_logits, labels, loss_config):
-    """[..., B, Q, C+1], labels [B, M] -> [..., B, Q, M]."""
-    index = jnp.broadcast_to(labels[:, None, :], (*pred_logits.shape[:-1], labels.shape[-1]))
-    if loss_config.classification == "sigmoid_focal":
-        prob = jax.nn.sigmoid(pred_logits[..., :-1])
-        p = jnp.take_along_axis(prob, index, axis=-1)
-        alpha, gamma = loss_config.focal_alpha, loss_config.focal_gamma
-        pos = alpha * (1 - p) ** gamma * -jnp.log(p + 1e-8)
-        neg = (1 - alpha) * p ** gamma * -jnp.log(1 - p + 1e-8)
-        return pos - neg
-    return -jnp.take_along_axis(jax.nn.softmax(pred_logits, axis=-1), index, axis=-1)
-
-
-def cost_matrix(pred_logits, pred_boxes, targets, loss_config):
-    """Matching cost [..., B, Q, M] for predictions [..., B, Q, *] against padded targets [B, M, *]."""
+def cost_matrix(pred_logits, pred_boxes, targets, loss_config, classification: str):
+    """Matching cost [..., B, Q, M] for predictions [..., B, Q, *] against padded targets [B, M, *];
+    the class term of the model's classification type (``detr_jax.classification``)."""
     boxes = targets["boxes"]
     l1 = jnp.abs(pred_boxes[..., :, None, :] - boxes[:, None, :, :]).sum(-1)
-    giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(boxes))
-    cost = (loss_config.cost_bbox * l1 + loss_config.cost_class * class_cost(pred_logits, targets["labels"], loss_config)
-            - loss_config.cost_giou * giou)
+    giou = box_ops.generalized_box_iou(box_ops.cxcywh_to_xyxy(pred_boxes), box_ops.cxcywh_to_xyxy(boxes),
+                                       loss_config.giou_eps)
+    class_cost = classification_of(classification).match_cost(pred_logits, targets["labels"], loss_config)
+    cost = loss_config.cost_bbox * l1 + loss_config.cost_class * class_cost - loss_config.cost_giou * giou
     return jnp.nan_to_num(cost.astype(jnp.float32), nan=_BIG, posinf=_BIG, neginf=-_BIG)
 
 
@@ -132,11 +123,12 @@ def device_assign(cost, valid):
     return jnp.where(valid, matched, -1)
 
 
-def match(outputs, targets, loss_config, method: str | None = None):
+def match(outputs, targets, loss_config, classification: str, method: str | None = None):
     """Match every decoder layer's predictions to the targets in one go.
 
     outputs: the model's dict; targets: {"labels" [B, M] int32, "boxes" [B, M, 4] cxcywh,
-    "box_valid" [B, M] bool}; method: "host" or "device" (default ``loss_config.matcher``).
+    "box_valid" [B, M] bool}; classification: the model's (``config.model.classification``);
+    method: "host" or "device" (default ``loss_config.matcher``).
     Returns matched_query int32 [L, B, M] (L = 1 + auxiliary layers when ``loss_config.aux_loss``,
     the final layer last); -1 for padded targets. No gradient flows through it.
     """
@@ -144,7 +136,7 @@ def match(outputs, targets, loss_config, method: str | None = None):
     if method not in METHODS:
         raise ValueError(f"config.loss.matcher = {method!r}; expected one of {', '.join(METHODS)}")
     logits, boxes = stack_layers(outputs, loss_config.aux_loss)
-    cost = jax.lax.stop_gradient(cost_matrix(logits, boxes, targets, loss_config))  # [L, B, Q, M]
+    cost = jax.lax.stop_gradient(cost_matrix(logits, boxes, targets, loss_config, classification))  # [L, B, Q, M]
     valid = targets["box_valid"]
     if method == "host":
         return _host_assign(cost, valid)

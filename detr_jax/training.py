@@ -72,7 +72,7 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
             params = jax.tree.map(lambda p, keep: p if keep else jax.lax.stop_gradient(p), params, trainable)
             outputs = model.apply({"params": params, "buffers": state.buffers}, batch["image"],
                                   batch["padding_mask"], train=True, rngs={"dropout": rng})
-            return compute_loss(outputs, batch_targets(batch), loss_config, axis_name=AXIS)
+            return compute_loss(outputs, batch_targets(batch), loss_config, model.classification, axis_name=AXIS)
 
         (share, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.lax.psum(grads, AXIS)

@@ -9,14 +9,13 @@ what is absent is not checked.
 """
 import numbers
 
-from detr_jax.config import (ACTIVATIONS, ATTENTIONS, DTYPES, FFN_TYPES, NORMS, ON_NONFINITE, PADDINGS,
-                             POSITION_EMBEDDINGS, REMATS)
+from detr_jax.config import (ACTIVATIONS, ATTENTIONS, CLASSIFICATIONS, DECODERS, DTYPES, FFN_TYPES, NORMS,
+                             ON_NONFINITE, PADDINGS, POSITION_EMBEDDINGS, REMATS)
 from detr_jax.data.records import LABEL_MAPPINGS, MAX_BOXES_POLICIES
 from detr_jax.data.registry import SOURCES
 from detr_jax.data.source import SPLITS, UNKNOWN_CATEGORY_POLICIES
 from detr_jax.data.transforms import EXIF_POLICIES
 from detr_jax.errors import ConfigError
-from detr_jax.losses import CLASSIFICATIONS
 from detr_jax.matching import METHODS as MATCHERS
 from detr_jax.models.conv import CONV_IMPLS
 from detr_jax.models.resnet import BACKBONES, NORMS as BACKBONE_NORMS
@@ -52,7 +51,8 @@ POSITIVE, COUNT, PROBABILITY, WEIGHT = integer(1), integer(0), number(0, 1), num
 
 FIELDS = {
     "model": dict(
-        num_classes=COUNT, num_queries=POSITIVE, hidden_dim=integer(2), num_heads=POSITIVE,
+        num_classes=COUNT, classification=one_of(*CLASSIFICATIONS), decoder=one_of(*DECODERS), num_queries=POSITIVE,
+        hidden_dim=integer(2), num_heads=POSITIVE,
         num_encoder_layers=COUNT, num_decoder_layers=POSITIVE, ffn_dim=POSITIVE, dropout=number(0, 1, high_open=True),
         activation=one_of(*ACTIVATIONS), norm=one_of(*NORMS), ffn_type=one_of(*FFN_TYPES),
         position_embedding=one_of(*POSITION_EMBEDDINGS), backbone=one_of(*BACKBONES, "custom"),
@@ -62,7 +62,7 @@ FIELDS = {
     "loss": dict(
         cost_class=WEIGHT, cost_bbox=WEIGHT, cost_giou=WEIGHT, ce_weight=WEIGHT, bbox_weight=WEIGHT,
         giou_weight=WEIGHT, eos_coef=number(0, 1, low_open=True), matcher=one_of(*MATCHERS),
-        classification=one_of(*CLASSIFICATIONS), focal_alpha=PROBABILITY, focal_gamma=WEIGHT),
+        focal_alpha=PROBABILITY, focal_gamma=WEIGHT, giou_eps=WEIGHT),
     "data": dict(
         source=one_of(*SOURCES), eval_split=one_of(*SPLITS), label_mapping=one_of(*LABEL_MAPPINGS),
         unknown_category=one_of(*UNKNOWN_CATEGORY_POLICIES), exif=one_of(*EXIF_POLICIES),
@@ -112,6 +112,9 @@ def relation_problems(config) -> list[str]:
     """The fields that must agree, where both are present and valid on their own."""
     get = lambda dotted: _get(config, dotted)
     problems = []
+    if get("loss.classification") is not None:
+        problems.append(f"config.loss.classification = {get('loss.classification')!r}: this field moved to "
+                        "config.model.classification (the model's head, matcher, loss and postprocess follow it)")
     hidden, heads = get("model.hidden_dim"), get("model.num_heads")
     if hidden and heads and (hidden % 2 or hidden % heads):
         problems.append(f"config.model.hidden_dim = {hidden}: expected an even multiple of config.model.num_heads "

@@ -85,7 +85,7 @@ def test_r50_detr_gradients_gemm_against_xla():
         def loss(params):
             params = jax.tree.map(lambda p, keep: p if keep else jax.lax.stop_gradient(p), params, trainable)
             out = model.apply({**variables, "params": params}, images, mask, train=True)
-            return compute_loss(out, targets, loss_config())[0]
+            return compute_loss(out, targets, loss_config(), "softmax")[0]
 
         return jax.jit(jax.value_and_grad(loss))(variables["params"])
 

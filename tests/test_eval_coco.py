@@ -20,7 +20,7 @@ def near(value):
 
 def test_postprocess_matches_official(reference):
     _, ref, _ = reference
-    got = postprocess(ref["pred_logits"], ref["pred_boxes"], ref["image_sizes"])
+    got = postprocess(ref["pred_logits"], ref["pred_boxes"], ref["image_sizes"], "softmax")
     np.testing.assert_allclose(got["scores"], ref["post_scores"], rtol=1e-5, atol=1e-7)
     np.testing.assert_array_equal(got["labels"], ref["post_labels"])
     np.testing.assert_allclose(got["boxes"], ref["post_boxes"], rtol=1e-6, atol=1e-4)
@@ -29,21 +29,21 @@ def test_postprocess_matches_official(reference):
 
 def test_postprocess_topk_keeps_the_best_queries(reference):
     _, ref, _ = reference
-    full = postprocess(ref["pred_logits"], ref["pred_boxes"], ref["image_sizes"])
-    top = postprocess(ref["pred_logits"], ref["pred_boxes"], ref["image_sizes"], topk=7)
+    full = postprocess(ref["pred_logits"], ref["pred_boxes"], ref["image_sizes"], "softmax")
+    top = postprocess(ref["pred_logits"], ref["pred_boxes"], ref["image_sizes"], "softmax", topk=7)
     for i in range(2):
         best = np.argsort(-np.asarray(full["scores"][i]), kind="stable")[:7]
         np.testing.assert_array_equal(top["scores"][i], np.asarray(full["scores"][i])[best])
         np.testing.assert_array_equal(top["labels"][i], np.asarray(full["labels"][i])[best])
         np.testing.assert_array_equal(top["boxes"][i], np.asarray(full["boxes"][i])[best])
     with pytest.raises(ValueError, match="topk = 101"):
-        postprocess(ref["pred_logits"], ref["pred_boxes"], ref["image_sizes"], topk=101)
+        postprocess(ref["pred_logits"], ref["pred_boxes"], ref["image_sizes"], "softmax", topk=101)
 
 
 def test_postprocess_excludes_no_object_and_scales_to_the_original_size():
     logits = np.log(np.array([[[0.1, 0.2, 0.7], [0.3, 0.25, 0.45]]], np.float32))  # 2 classes + no-object
     boxes = np.array([[[0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.5, 0.2]]], np.float32)
-    got = postprocess(logits, boxes, np.array([[100, 200]]))
+    got = postprocess(logits, boxes, np.array([[100, 200]]), "softmax")
     np.testing.assert_allclose(got["scores"], [[0.2, 0.3]], rtol=1e-6)
     np.testing.assert_array_equal(got["labels"], [[1, 0]])
     np.testing.assert_allclose(got["boxes"], [[[0, 0, 200, 100], [0, 40, 100, 60]]], atol=1e-4)

@@ -192,7 +192,7 @@ def whole_split_loss(cfg, model, variables, source) -> dict:
         outputs.append(apply(batch["image"], batch["padding_mask"]))
         targets.append({k: batch[k] for k in ("labels", "boxes", "box_valid")})
     stack = lambda *xs: np.concatenate(xs)
-    loss = jax.jit(lambda outputs, targets: compute_loss(outputs, targets, loss_config()))  # jit: faster than eager
+    loss = jax.jit(lambda outputs, targets: compute_loss(outputs, targets, loss_config(), "softmax"))  # jit: faster than eager
     total, terms = loss(jax.tree.map(stack, *outputs), jax.tree.map(stack, *targets))
     return {"val_loss": float(total), **{f"val_{k}": float(v) for k, v in terms.items()}}
 

@@ -20,7 +20,7 @@ LOSS_NAMES = ["loss_ce", "loss_bbox", "loss_giou", "cardinality_error"]
 @pytest.mark.parametrize("method", ["host", "device"])
 def test_every_term_matches_official(reference, method):
     _, ref, _ = reference
-    total, terms = jax.jit(lambda o, t: compute_loss(o, t, loss_config(), method=method))(
+    total, terms = jax.jit(lambda o, t: compute_loss(o, t, loss_config(), "softmax", method=method))(
         reference_outputs(ref), reference_targets(ref))
     expected = {k[len("loss/"):]: float(v) for k, v in ref.items() if k.startswith("loss/")}
     assert set(terms) == set(expected)  # the official names, _0.._4 for the auxiliary layers
@@ -32,7 +32,7 @@ def test_every_term_matches_official(reference, method):
 
 
 def _total(outputs, targets, matched_from=None):
-    return compute_loss(outputs, targets, loss_config(), method="host")[0]
+    return compute_loss(outputs, targets, loss_config(), "softmax", method="host")[0]
 
 
 def test_gradients_match_float64_and_finite_differences(reference):
@@ -67,7 +67,7 @@ def test_gradients_match_float64_and_finite_differences(reference):
 def test_zero_targets():
     outputs, targets = random_outputs_and_targets(0, batch=2)
     targets["box_valid"][:] = False
-    total, terms = compute_loss(outputs, targets, loss_config())
+    total, terms = compute_loss(outputs, targets, loss_config(), "softmax")
     assert float(terms["loss_bbox"]) == 0.0 and float(terms["loss_giou"]) == 0.0
     assert float(terms["class_error"]) == 100.0  # official: no matched query counts as 0% accuracy
     log_probs = jax.nn.log_softmax(outputs["pred_logits"])
@@ -85,7 +85,7 @@ def test_terms_by_hand():
     outputs = {"pred_logits": logits, "pred_boxes": boxes, "aux_outputs": []}
     targets = {"labels": np.array([[1, 0]], np.int32), "box_valid": np.array([[True, False]]),
                "boxes": np.array([[[0.4, 0.5, 0.2, 0.2], [0, 0, 0, 0]]], np.float32)}
-    total, terms = compute_loss(outputs, targets, loss_config())
+    total, terms = compute_loss(outputs, targets, loss_config(), "softmax")
     lp = jax.nn.log_softmax(logits[0])
     nll = [-lp[0, 2], -lp[1, 1], -lp[2, 2]]
     ce = (0.1 * nll[0] + nll[1] + 0.1 * nll[2]) / (0.1 + 1 + 0.1)
@@ -98,14 +98,21 @@ def test_terms_by_hand():
     assert float(total) == pytest.approx(float(ce) + 5 * 0.2 + 2 * 0.5, rel=1e-5)
 
 
+def focal_outputs(outputs):
+    """Softmax-model outputs as a focal model's: the no-object logit dropped (num_classes logits)."""
+    drop = lambda o: {**o, "pred_logits": o["pred_logits"][..., :-1]}
+    return {**drop(outputs), "aux_outputs": [drop(a) for a in outputs.get("aux_outputs", [])]}
+
+
 def test_sigmoid_focal_loss_by_hand():
     outputs, targets = random_outputs_and_targets(6, batch=2)
-    cfg = loss_config(classification="sigmoid_focal", aux_loss=False)
-    _, terms = compute_loss(outputs, targets, cfg)
+    outputs = focal_outputs(outputs)
+    cfg = loss_config(aux_loss=False)
+    _, terms = compute_loss(outputs, targets, cfg, "sigmoid_focal")
     from detr_jax.matching import match
 
-    matched = np.asarray(match(outputs, targets, cfg))[-1]
-    x = outputs["pred_logits"][..., :-1].astype(np.float64)
+    matched = np.asarray(match(outputs, targets, cfg, "sigmoid_focal"))[-1]
+    x = outputs["pred_logits"].astype(np.float64)
     onehot = np.zeros_like(x)
     for b, t in zip(*np.nonzero(matched >= 0)):
         onehot[b, matched[b, t], targets["labels"][b, t]] = 1
@@ -120,15 +127,15 @@ def test_sigmoid_focal_loss_by_hand():
 
 def test_invariant_to_target_order_and_query_order():
     outputs, targets = random_outputs_and_targets(7, batch=3)
-    total, terms = compute_loss(outputs, targets, loss_config())
+    total, terms = compute_loss(outputs, targets, loss_config(), "softmax")
     # reverse the target slots of every image (valid boxes now at the end, padding first)
     flipped = {k: v[:, ::-1].copy() for k, v in targets.items()}
-    total2, terms2 = compute_loss(outputs, flipped, loss_config())
+    total2, terms2 = compute_loss(outputs, flipped, loss_config(), "softmax")
     # permute the queries, the same way in every decoder layer
     perm = np.random.RandomState(0).permutation(12)
     permute = lambda o: {"pred_logits": o["pred_logits"][:, perm], "pred_boxes": o["pred_boxes"][:, perm]}
     shuffled = {**permute(outputs), "aux_outputs": [permute(a) for a in outputs["aux_outputs"]]}
-    total3, terms3 = compute_loss(shuffled, targets, loss_config())
+    total3, terms3 = compute_loss(shuffled, targets, loss_config(), "softmax")
     for other_total, other_terms in ((total2, terms2), (total3, terms3)):
         assert float(other_total) == pytest.approx(float(total), rel=1e-6)
         for name in terms:
@@ -144,12 +151,15 @@ def test_sums_of_parts_give_the_loss_of_the_whole_and_fillers_count_nowhere(clas
     """loss_sums of two parts of a batch, added and normalised, == compute_loss of the batch; images
     marked example_valid False (fillers, no boxes) change nothing."""
     outputs, targets = random_outputs_and_targets(9, batch=5)
+    outputs = focal_outputs(outputs) if classification == "sigmoid_focal" else outputs
     targets["box_valid"][3] = False  # an image without boxes (counts: its queries are no-object)
-    cfg = loss_config(classification=classification)
-    total, terms = compute_loss(outputs, targets, cfg)
-    parts = [loss_sums(_rows(outputs, rows), _rows(targets, rows), cfg) for rows in (slice(0, 2), slice(2, 5))]
+    cfg = loss_config()
+    total, terms = compute_loss(outputs, targets, cfg, classification)
+    parts = [loss_sums(_rows(outputs, rows), _rows(targets, rows), cfg, classification)
+             for rows in (slice(0, 2), slice(2, 5))]
     added = jax.tree.map(lambda a, b: a + b, *parts)
-    for other_total, other_terms in (normalise(added, cfg), compute_loss(*with_fillers(outputs, targets), cfg)):
+    for other_total, other_terms in (normalise(added, cfg),
+                                     compute_loss(*with_fillers(outputs, targets), cfg, classification)):
         assert float(other_total) == pytest.approx(float(total), rel=1e-5)
         assert set(other_terms) == set(terms)
         for name in terms:
@@ -169,7 +179,7 @@ def _pmap_check():
     """Run with 4 simulated devices: the psum of per-device shares == the one-device loss and grads."""
     outputs, targets = random_outputs_and_targets(8, batch=8)
     cfg = loss_config()
-    grad_fn = jax.value_and_grad(lambda o, t, axis: compute_loss(o, t, cfg, axis_name=axis), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda o, t, axis: compute_loss(o, t, cfg, "softmax", axis_name=axis), has_aux=True)
     (total, terms), grads = grad_fn(outputs, targets, None)
     shard = lambda x: x.reshape(4, 2, *x.shape[1:])
 

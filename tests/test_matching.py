@@ -33,7 +33,7 @@ def check_assignment(matched, valid, num_queries):
 @pytest.mark.parametrize("method", METHODS)
 def test_reproduces_official_indices_for_every_layer(reference, method):
     _, ref, _ = reference
-    matched = np.asarray(jax.jit(lambda o, t: match(o, t, loss_config(), method))(
+    matched = np.asarray(jax.jit(lambda o, t: match(o, t, loss_config(), "softmax", method))(
         reference_outputs(ref), reference_targets(ref)))
     assert matched.shape == (6, 2, 6)
     for layer in range(6):  # 0..4 auxiliary, 5 final
@@ -46,7 +46,7 @@ def test_cost_matrix_matches_official(reference):
     _, ref, _ = reference
     targets = reference_targets(ref)
     outputs = reference_outputs(ref)
-    cost = np.asarray(cost_matrix(outputs["pred_logits"], outputs["pred_boxes"], targets, loss_config()))
+    cost = np.asarray(cost_matrix(outputs["pred_logits"], outputs["pred_boxes"], targets, loss_config(), "softmax"))
     for image in range(2):
         official = ref[f"match/L5/img{image}_C"]  # [100, n]: the matrix the official matcher solved
         np.testing.assert_allclose(cost[image, :, :official.shape[1]], official, rtol=1e-5, atol=1e-5)
@@ -111,11 +111,11 @@ def random_outputs_and_targets(seed, batch=3, queries=12, classes=6, max_boxes=5
 def test_host_and_device_agree_batched_and_single():
     outputs, targets = random_outputs_and_targets(1)
     cfg = loss_config()
-    host = np.asarray(match(outputs, targets, cfg, "host"))
-    device = np.asarray(match(outputs, targets, cfg, "device"))
+    host = np.asarray(match(outputs, targets, cfg, "softmax", "host"))
+    device = np.asarray(match(outputs, targets, cfg, "softmax", "device"))
     logits = np.stack([o["pred_logits"] for o in outputs["aux_outputs"]] + [outputs["pred_logits"]])
     boxes = np.stack([o["pred_boxes"] for o in outputs["aux_outputs"]] + [outputs["pred_boxes"]])
-    cost = np.asarray(cost_matrix(logits, boxes, targets, cfg))
+    cost = np.asarray(cost_matrix(logits, boxes, targets, cfg, "softmax"))
     for layer in range(3):
         for b in range(3):
             v = targets["box_valid"][b]
@@ -125,7 +125,7 @@ def test_host_and_device_agree_batched_and_single():
             single = {k: (v_[b:b + 1] if k != "aux_outputs" else [{kk: vv[b:b + 1] for kk, vv in a.items()} for a in v_])
                       for k, v_ in outputs.items()}
             single_targets = {k: v_[b:b + 1] for k, v_ in targets.items()}
-            np.testing.assert_array_equal(np.asarray(match(single, single_targets, cfg, "host"))[layer, 0], host[layer, b])
+            np.testing.assert_array_equal(np.asarray(match(single, single_targets, cfg, "softmax", "host"))[layer, 0], host[layer, b])
     assert np.all(host[:, 0] == -1)  # zero targets
     assert np.all(host[:, -1] >= 0)  # max_boxes targets, all matched
 
@@ -136,7 +136,7 @@ def test_padded_targets_are_never_matched(method):
     # make each padded column a perfect copy of some prediction: the cheapest pair if it counted
     targets["boxes"] = np.where(targets["box_valid"][..., None], targets["boxes"], outputs["pred_boxes"][:, :5])
     targets["labels"] = np.where(targets["box_valid"], targets["labels"], outputs["pred_logits"][:, :5].argmax(-1))
-    matched = np.asarray(match(outputs, targets, loss_config(), method))
+    matched = np.asarray(match(outputs, targets, loss_config(), "softmax", method))
     assert np.all(matched[:, ~targets["box_valid"]] == -1)
 
 
@@ -145,7 +145,7 @@ def test_no_gradient_through_matching():
     cfg = loss_config()
 
     def f(boxes):
-        matched = match({**outputs, "pred_boxes": boxes}, targets, cfg, "host")
+        matched = match({**outputs, "pred_boxes": boxes}, targets, cfg, "softmax", "host")
         return (boxes.sum() + matched.sum()).astype(jnp.float32)
 
     grad = jax.grad(f)(jnp.asarray(outputs["pred_boxes"]))
@@ -155,7 +155,7 @@ def test_no_gradient_through_matching():
 def test_unknown_method():
     outputs, targets = random_outputs_and_targets(4)
     with pytest.raises(ValueError, match="config.loss.matcher"):
-        match(outputs, targets, loss_config(), "greedy")
+        match(outputs, targets, loss_config(), "softmax", "greedy")
 
 
 def _pmap_check():
@@ -165,8 +165,8 @@ def _pmap_check():
     shard = lambda x: x.reshape(4, 2, *x.shape[1:])
     result = {}
     for method in METHODS:
-        single = np.asarray(match(outputs, targets, cfg, method))
-        sharded = jax.pmap(lambda o, t: match(o, t, cfg, method))(jax.tree.map(shard, outputs), jax.tree.map(shard, targets))
+        single = np.asarray(match(outputs, targets, cfg, "softmax", method))
+        sharded = jax.pmap(lambda o, t: match(o, t, cfg, "softmax", method))(jax.tree.map(shard, outputs), jax.tree.map(shard, targets))
         gathered = np.asarray(sharded).transpose(1, 0, 2, 3).reshape(single.shape)  # [D, L, B/D, M] -> [L, B, M]
         result[method] = bool(np.array_equal(gathered, single))
     result["devices"] = jax.local_device_count()

@@ -12,7 +12,8 @@ from conftest import REPO
 
 # lowest first; a module may import its own layer's modules and the layers below
 LAYERS = [
-    ["errors", "config", "cli", "box_ops", "metrics", "parallel", "perf", "torch_pickle", "workdir_lock"],
+    ["errors", "config", "classification", "cli", "box_ops", "metrics", "parallel", "perf", "torch_pickle",
+     "workdir_lock"],
     ["models", "models.*", "detr_jax"],  # the package itself re-exports the model
     ["data", "data.*"],
     ["matching", "losses", "optim"],

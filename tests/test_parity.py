@@ -99,7 +99,7 @@ def test_loss_gradients_through_the_model_match_official(official):
 
     def loss(params):
         outputs = model.apply({"params": params, "buffers": variables["buffers"]}, nhwc(ref["images"]), ref["masks"])
-        return compute_loss(outputs, reference_targets(ref), loss_config())[0]
+        return compute_loss(outputs, reference_targets(ref), loss_config(), "softmax")[0]
 
     grads = jax.jit(jax.grad(loss))(variables["params"])
     official_grads = to_official_state_dict({"params": grads, "buffers": variables["buffers"]}, config)

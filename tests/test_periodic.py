@@ -200,7 +200,7 @@ def test_an_unreadable_image_changes_neither_loss_nor_gradients():
     def loss_and_grads(batch):
         def loss(params):
             outputs = model.apply({**variables, "params": params}, batch["image"], batch["padding_mask"])
-            return compute_loss(outputs, batch_targets(batch), loss_config())
+            return compute_loss(outputs, batch_targets(batch), loss_config(), "softmax")
         return jax.value_and_grad(loss, has_aux=True)(variables["params"])
 
     (total_a, terms_a), grads_a = loss_and_grads(good)

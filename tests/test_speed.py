@@ -14,7 +14,7 @@ from detr_jax import build_model, perf
 from detr_jax.config import loss_config
 from detr_jax.losses import compute_loss
 from detr_jax.models.layers import fused_implementation
-from detr_jax.models.detr import BoxMLP, class_head, trainable_mask
+from detr_jax.models.detr import box_head, class_head, trainable_mask
 
 # The tiny model with the fewest layers that still has auxiliary outputs: cheap to compile.
 SMALL = dict(num_encoder_layers=1, num_decoder_layers=2)
@@ -87,8 +87,8 @@ def test_bfloat16_heads_and_attention_logits_run_in_float32(problem):
     hs = sown["intermediates"]["hs"][0]
     assert hs.dtype == jnp.bfloat16
     params = variables["params"]
-    logits = class_head(5, 32).apply({"params": params["class_embed"]}, hs.astype(jnp.float32))
-    boxes = jax.nn.sigmoid(BoxMLP(32).apply({"params": params["bbox_embed"]}, hs.astype(jnp.float32)))
+    logits = class_head(5, 32, "softmax").apply({"params": params["class_embed"]}, hs.astype(jnp.float32))
+    boxes = jax.nn.sigmoid(box_head(32, False).apply({"params": params["bbox_embed"]}, hs.astype(jnp.float32)))
     np.testing.assert_allclose(out["pred_logits"], logits[-1], atol=1e-6)
     np.testing.assert_allclose(out["pred_boxes"], boxes[-1], atol=1e-6)
     jaxpr = jax.make_jaxpr(lambda v: model.apply(v, images, mask))(variables).jaxpr
@@ -139,7 +139,7 @@ def loss_and_grads(problem, **options):
 
     def loss(params):
         out = model.apply({**variables, "params": params}, images, mask, train=True)
-        return compute_loss(out, targets, loss_config())[0]
+        return compute_loss(out, targets, loss_config(), "softmax")[0]
 
     traced = jax.jit(jax.value_and_grad(loss)).trace(variables["params"])
     primitives = {e.primitive.name for e in traced.jaxpr.eqns}

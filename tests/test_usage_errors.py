@@ -35,8 +35,8 @@ MISTAKES = [
      """error: --config.optim.lrr=1: the config has no field 'lrr'. Did you mean "lr" instead of "lrr"?"""),
     ("a typo in a section", ["--config.optimm.lr=1"],
      """error: --config.optimm.lr=1: the config has no field 'optimm'. Did you mean "optim" instead of "optimm"?"""),
-    ("a wrong enum", ["--config.loss.classification=softmx"],
-     "error: the config has a problem: config.loss.classification = 'softmx': expected one of 'softmax', "
+    ("a wrong enum", ["--config.model.classification=softmx"],
+     "error: the config has a problem: config.model.classification = 'softmx': expected one of 'softmax', "
      "'sigmoid_focal'"),
     ("a wrong type", ["--config.train.batch_size=four"],
      "error: flag --config.train.batch_size=four: invalid literal for int() with base 10: 'four'"),
@@ -80,8 +80,9 @@ def test_every_problem_is_listed():
 
 
 def test_the_shipped_configs_are_valid():
-    for spec in ("synthetic.py", "synthetic.py:tiny", "synthetic.py:overfit", "detr_coco.py:r50", "detr_coco.py:r101_dc5",
-                 "finetune.py", "convergence.py"):
+    for spec in ("synthetic.py", "synthetic.py:tiny", "synthetic.py:overfit", "synthetic.py:conditional",
+                 "synthetic.py:dab_tiny", "detr_coco.py:r50", "detr_coco.py:r101_dc5", "conditional_coco.py:r50_108ep",
+                 "dab_coco.py:r50", "finetune.py", "convergence.py"):
         file, _, variant = spec.partition(":")
         validate(runpy.run_path(str(REPO / "configs" / file))["get_config"](variant))
 

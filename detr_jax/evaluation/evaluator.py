@@ -23,6 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from detr_jax import config as config_lib
+from detr_jax.classification import classification as classification_of
 from detr_jax.evaluation import coco
 from detr_jax.evaluation.inference import gather_hosts, host_batch_size, predict_batches, predictor
 from detr_jax.parallel import local_mesh
@@ -121,9 +122,10 @@ def _check_options(model, batch_size: int, score_threshold: float, topk: int) ->
         raise ValueError(f"batch_size = {batch_size!r}; expected a positive integer")
     if not 0.0 <= score_threshold <= 1.0:
         raise ValueError(f"score_threshold = {score_threshold}; expected a probability in [0, 1] (0 keeps all)")
-    if not isinstance(topk, (int, np.integer)) or not 0 <= topk <= model.num_queries:
-        raise ValueError(f"topk = {topk!r}; expected 0 (keep all queries, official) or 1..{model.num_queries} "
-                         "(the model's num_queries)")
+    most = classification_of(model.classification).max_topk(model.num_queries, model.num_classes)
+    if not isinstance(topk, (int, np.integer)) or not 0 <= topk <= most:
+        raise ValueError(f"topk = {topk!r}; expected 0 (official) or 1..{most} (the most detections per image of a "
+                         f"{model.classification} model with {model.num_queries} queries)")
 
 
 def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, step: int | None = None,

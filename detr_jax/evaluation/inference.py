@@ -47,7 +47,8 @@ class Predictor:
             outputs, sown = self.model.apply(variables, image, padding_mask, train=False, mutable=SOWN)
         else:
             outputs, sown = self.model.apply(variables, image, padding_mask, train=False), None
-        detections = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_size, topk=self.topk)
+        detections = postprocess(outputs["pred_logits"], outputs["pred_boxes"], orig_size, self.model.classification,
+                                 topk=self.topk)
         if sown is not None:
             detections.update(attention_maps(sown, detections["queries"]))
         if self.loss_config is not None:
@@ -60,7 +61,7 @@ class Predictor:
         from detr_jax.losses import loss_sums
 
         def local(outputs, targets):
-            sums = loss_sums(outputs, targets, self.loss_config)
+            sums = loss_sums(outputs, targets, self.loss_config, self.model.classification)
             return {name: jax.lax.psum(jnp.stack(pair), AXIS) for name, pair in sums.items()}
 
         return jax.shard_map(local, mesh=local_mesh(), in_specs=PartitionSpec(AXIS), out_specs=PartitionSpec())(

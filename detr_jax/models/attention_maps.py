@@ -11,6 +11,7 @@ over the feature map, and the last encoder layer's self-attention. Inside ``jax.
 import jax.numpy as jnp
 
 SOWN = ["attention", "intermediates"]
+CROSS_ATTENTIONS = ("multihead_attn", "cross_attn")  # the decoder layer's cross-attention: DETR's; Conditional / DAB's
 
 
 def _last_layer(layers: dict, prefix: str) -> dict:
@@ -32,7 +33,9 @@ def attention_maps(sown: dict, queries) -> dict:
         "feature_mask" [B, h, w] bool: True on padding}.
     """
     layers = sown["attention"]["transformer"]
-    cross = _last_layer(layers, "decoder_layers_")["multihead_attn"]["weights"][0].astype(jnp.float32).mean(1)
+    decoder_layer = _last_layer(layers, "decoder_layers_")
+    cross_name = next(name for name in CROSS_ATTENTIONS if name in decoder_layer)
+    cross = decoder_layer[cross_name]["weights"][0].astype(jnp.float32).mean(1)
     encoder = _last_layer(layers, "encoder_layers_")["self_attn"]["weights"][0].astype(jnp.float32).mean(1)
     return {"decoder_attention": jnp.take_along_axis(cross, queries[..., None].astype(jnp.int32), axis=1),
             "encoder_attention": encoder, "feature_mask": sown["intermediates"]["feature_mask"][0]}

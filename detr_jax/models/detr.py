@@ -3,12 +3,17 @@
 ``DETR.__call__(images, padding_mask, train=False)`` with images [B, H, W, 3] float (ImageNet-
 normalised) and padding_mask [B, H, W] bool (True = padding) returns
 
-  {"pred_logits": [B, Q, num_classes + 1] float32 (last = no-object),
+  {"pred_logits": [B, Q, C'] float32 (``classification`` "softmax": C' = num_classes + 1, the last
+                  no-object; "sigmoid_focal": C' = num_classes),
    "pred_boxes":  [B, Q, 4] float32, (cx, cy, w, h) normalised by the unpadded image size,
    "aux_outputs": [{"pred_logits", "pred_boxes"} for decoder layers 0 .. L-2]}.
 
+The encoder-decoder between backbone and heads is ``decoder``'s (``detr_jax.models.decoders``:
+DETR, Conditional DETR, DAB-DETR).
+
 With ``mutable=["intermediates"]`` it also sows backbone_features [B, h, w, C], feature_mask
-[B, h, w], pos [B, h, w, d], proj_src [B, h, w, d], memory [B, h, w, d] and hs [L, B, Q, d].
+[B, h, w], pos [B, h, w, d], proj_src [B, h, w, d], memory [B, h, w, d], hs [L, B, Q, d] and, for
+decoders with references, references [L, B, Q, R].
 With ``mutable=["attention"]`` every attention module sows its softmax weights [B, heads, Lq, Lk]
 (``detr_jax.models.attention_maps`` reads the last layers' maps out of them).
 """
@@ -18,27 +23,38 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.models.layers import dense
+from detr_jax.classification import classification as classification_of
+from detr_jax.models.conditional import inverse_sigmoid
+from detr_jax.models.decoders import DECODERS
+from detr_jax.models.layers import MLP, dense, torch_default_bias_init, torch_default_kernel_init
 from detr_jax.models.position import LearnedPositionEmbedding, SinePositionEmbedding, downsample_mask
 from detr_jax.models.resnet import BACKBONES, ResNet, valid_region
-from detr_jax.models.transformer import Transformer
 
 
-def class_head(num_classes: int, hidden_dim: int) -> nn.Dense:
-    """The class head, hidden_dim -> num_classes + 1 logits, float32 (torch default init, as official)."""
-    return dense(num_classes + 1, hidden_dim, jnp.float32, "class_embed")
+def class_head(num_classes: int, hidden_dim: int, classification: str) -> nn.Dense:
+    """The class head, hidden_dim -> the classification type's logits (``detr_jax.classification``),
+    float32; torch's default init, the bias at the focal prior for sigmoid_focal (as official)."""
+    kind = classification_of(classification)
+    bias_init = (torch_default_bias_init(hidden_dim) if kind.prior_bias is None
+                 else nn.initializers.constant(kind.prior_bias))
+    return nn.Dense(kind.num_logits(num_classes), dtype=jnp.float32, kernel_init=torch_default_kernel_init,
+                    bias_init=bias_init, name="class_embed")
 
 
-class BoxMLP(nn.Module):
-    """3-layer MLP, relu between layers: [..., d] -> [..., 4] (pre-sigmoid), float32."""
-    hidden_dim: int
+def box_head(hidden_dim: int, relative: bool) -> MLP:
+    """The box MLP, hidden_dim -> 4 (pre-sigmoid), 3 layers, float32, torch's default init; its last
+    layer zeroed where boxes are predicted relative to a reference (official Conditional / DAB)."""
+    return MLP(hidden_dim, 4, 3, jnp.float32, torch_default_kernel_init, zero_last=relative, name="bbox_embed")
 
-    @nn.compact
-    def __call__(self, x):
-        for i, out in enumerate((self.hidden_dim, self.hidden_dim, 4)):
-            x = dense(out, x.shape[-1], jnp.float32, f"layers_{i}")(x)
-            x = nn.relu(x) if i < 2 else x
-        return x
+
+def heads(hs, references, class_embed, bbox_embed, reference_eps):
+    """The decoder contract's heads (``detr_jax.models.decoders``): hs [L, B, Q, d] float32,
+    references [L, B, Q, R] or None -> (logits [L, B, Q, C'], boxes [L, B, Q, 4] in (0, 1))."""
+    raw = bbox_embed(hs)
+    if references is not None:
+        offset = inverse_sigmoid(references, reference_eps)
+        raw = raw + jnp.pad(offset, [(0, 0)] * (raw.ndim - 1) + [(0, 4 - offset.shape[-1])])
+    return class_embed(hs), jax.nn.sigmoid(raw)
 
 
 def check_inputs(images, padding_mask) -> None:
@@ -81,6 +97,8 @@ class DETR(nn.Module):
     padded batches); see ``detr_jax.models.resnet``."""
     backbone: nn.Module
     num_classes: int = 91
+    classification: str = "softmax"  # detr_jax.config.CLASSIFICATIONS
+    decoder: str = "detr"  # detr_jax.config.DECODERS
     num_queries: int = 100
     hidden_dim: int = 256
     num_heads: int = 8
@@ -109,28 +127,34 @@ class DETR(nn.Module):
         else:
             features = self.backbone(images.astype(self.dtype))
             mask = downsample_mask(padding_mask, features.shape[1:3])
+        decoder = DECODERS[self.decoder]
         half = self.hidden_dim // 2
         if self.position_embedding == "sine":
-            pos = SinePositionEmbedding(half, name="position_embedding")(mask)
+            pos = SinePositionEmbedding(half, decoder.position_temperature, name="position_embedding")(mask)
         else:
             pos = LearnedPositionEmbedding(half, name="position_embedding")(mask)
         src = dense(self.hidden_dim, features.shape[-1], self.dtype, "input_proj")(features)
-        query_embed = self.param("query_embed", nn.initializers.normal(1.0), (self.num_queries, self.hidden_dim))
+        queries = self.param(decoder.query_param, nn.initializers.normal(1.0),
+                             (self.num_queries, decoder.query_width(self.hidden_dim)))
 
         b, h, w, d = src.shape
         flat = lambda x: x.reshape(b, h * w, *x.shape[3:])
-        hs, memory = Transformer(
+        bbox_embed = box_head(self.hidden_dim, decoder.reference_eps is not None)
+        hs, references, memory = decoder.module(
             num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
             activation=self.activation, norm=self.norm, ffn_type=self.ffn_type, pre_norm=self.pre_norm,
             dtype=self.dtype, attention_impl=self.attention, num_encoder_layers=self.num_encoder_layers,
             num_decoder_layers=self.num_decoder_layers, remat=self.remat_transformer, name="transformer",
-        )(flat(src), flat(pos).astype(self.dtype), flat(mask), query_embed, train)
+        )(flat(src), flat(pos).astype(self.dtype), flat(mask), ((h, w),), queries, bbox_embed, train)
 
-        heads_in = hs.astype(jnp.float32)  # the heads run in float32 whatever the compute dtype
-        logits = class_head(self.num_classes, self.hidden_dim)(heads_in)
-        boxes = jax.nn.sigmoid(BoxMLP(self.hidden_dim, name="bbox_embed")(heads_in))
+        # the heads run in float32 whatever the compute dtype
+        logits, boxes = heads(hs.astype(jnp.float32), references, class_head(self.num_classes, self.hidden_dim,
+                              self.classification), bbox_embed, decoder.reference_eps)
         for name, value in (("backbone_features", features), ("feature_mask", mask), ("pos", pos),
-                            ("proj_src", src), ("memory", memory.reshape(b, h, w, d)), ("hs", hs)):
+                            ("proj_src", src), ("memory", memory.reshape(b, h, w, d)), ("hs", hs),
+                            ("references", references)):
+            if value is None:
+                continue
             self.sow("intermediates", name, value)
         return {
             "pred_logits": logits[-1],
@@ -162,7 +186,8 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
                           remat=cfg.remat in ("backbone", "all"), conv_impl=conv_impl)
     check_padding(cfg.padding, backbone)
     return DETR(
-        backbone=backbone, num_classes=cfg.num_classes, num_queries=cfg.num_queries,
+        backbone=backbone, num_classes=cfg.num_classes, classification=cfg.classification, decoder=cfg.decoder,
+        num_queries=cfg.num_queries,
         hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads, num_encoder_layers=cfg.num_encoder_layers,
         num_decoder_layers=cfg.num_decoder_layers, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
         activation=cfg.activation, norm=cfg.norm, ffn_type=cfg.ffn_type, pre_norm=cfg.pre_norm,

@@ -34,12 +34,29 @@ def mish(x):
     return x * jnp.tanh(jax.nn.softplus(x))
 
 
+class PReLU(nn.Module):
+    """torch ``nn.PReLU()``: max(0, x) + weight * min(0, x), one learned slope (initialised 0.25)."""
+
+    @nn.compact
+    def __call__(self, x):
+        slope = self.param("weight", nn.initializers.constant(0.25), (1,))
+        return jnp.where(x >= 0, x, slope.astype(x.dtype) * x)
+
+
 ACTIVATIONS = {
-    "relu": nn.relu,
+    "relu": nn.relu,  # and "prelu" (a module, see ``activation``)
     "gelu": functools.partial(nn.gelu, approximate=False),  # torch's F.gelu is the exact one
     "swish": nn.swish,
     "mish": mish,
 }
+
+
+def activation(kind: str):
+    """The function of config.model.activation ``kind``; "prelu" creates its parameter (named
+    "activation", as DAB-DETR's ``layer.activation.weight``), so call it inside a compact method."""
+    return PReLU(name="activation") if kind == "prelu" else ACTIVATIONS[kind]
+
+
 GATE_ACTIVATIONS = {"swiglu": nn.swish, "geglu": ACTIVATIONS["gelu"], "glu": nn.sigmoid}
 
 
@@ -56,6 +73,33 @@ def dense(features: int, fan_in: int, dtype, name: str, kernel_init=torch_defaul
     """A Dense layer with torch's default bias init (and, unless given, its kernel init)."""
     return nn.Dense(features, dtype=dtype, kernel_init=kernel_init,
                     bias_init=torch_default_bias_init(fan_in), name=name)
+
+
+class MLP(nn.Module):
+    """The official ``MLP``: ``num_layers`` linear layers (``layers_i``), relu between them:
+    [..., d_in] -> [..., out_dim]. Kernels Xavier-uniform inside the transformer (its
+    ``_reset_parameters``), torch's default elsewhere; biases torch's default; ``zero_last`` zeroes
+    the last layer (the box head of models that predict boxes relative to a reference)."""
+    hidden_dim: int
+    out_dim: int
+    num_layers: int
+    dtype: jnp.dtype = jnp.float32
+    kernel_init: Callable = xavier_uniform
+    zero_last: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(self.num_layers):
+            last = i == self.num_layers - 1
+            out = self.out_dim if last else self.hidden_dim
+            if last and self.zero_last:
+                layer = nn.Dense(out, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                                 bias_init=nn.initializers.zeros, name=f"layers_{i}")
+            else:
+                layer = dense(out, x.shape[-1], self.dtype, f"layers_{i}", self.kernel_init)
+            x = layer(x)
+            x = x if last else nn.relu(x)
+        return x
 
 
 class FeedForward(nn.Module):
@@ -75,7 +119,7 @@ class FeedForward(nn.Module):
         d = x.shape[-1]
         h = dense(self.ffn_dim, d, self.dtype, "linear1", xavier_uniform)(x)
         if self.ffn_type == "mlp":
-            h = ACTIVATIONS[self.activation](h)
+            h = activation(self.activation)(h)
         else:
             gate = dense(self.ffn_dim, d, self.dtype, "gate", xavier_uniform)(x)
             h = h * GATE_ACTIVATIONS[self.ffn_type](gate)
@@ -100,40 +144,48 @@ class MultiHeadAttention(nn.Module):
     With ``mutable=["attention"]`` the softmax weights [B, heads, Lq, Lk] (before dropout, 0 on
     padded keys) are sown as ``weights``; without it (and in ``init``) nothing is sown.
 
+    ``project=False`` is the attention of Conditional DETR and DAB-DETR (their ``attention.py``):
+    query and key [B, L, d_qk] and value [B, Lk, d_v] come projected (any d_qk, e.g. 2 d for the
+    concatenated content and spatial parts), the logits are scaled by (d_qk / heads) ** -0.5, and
+    only ``out_proj`` (d_v -> d_v) is learned.
+
     ``attention``: "xla" computes the softmax explicitly (the reference path, with attention
     dropout); "fused" calls ``jax.nn.dot_product_attention`` (cuDNN flash attention on GPU, see
     ``fused_implementation``) wherever the explicit path is not needed: it is kept when attention
-    dropout is active (training with dropout > 0) and when intermediates or attention weights are
-    collected.
+    dropout is active (training with dropout > 0), when intermediates or attention weights are
+    collected, and when query/key and value heads differ in width.
     """
     num_heads: int
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     attention: str = "xla"
+    project: bool = True
 
     @nn.compact
     def __call__(self, query, key, value, key_padding_mask, train: bool):
-        d = query.shape[-1]
-        if d % self.num_heads:
-            raise ValueError(f"config.model.hidden_dim ({d}) must be divisible by num_heads ({self.num_heads})")
+        d_qk, d_v = query.shape[-1], value.shape[-1]
+        if d_qk % self.num_heads or d_v % self.num_heads:
+            raise ValueError(f"config.model.hidden_dim ({d_v}) must be divisible by num_heads ({self.num_heads})")
         if self.attention not in ATTENTIONS:
             raise ValueError(f"config.model.attention = {self.attention!r}; expected one of {', '.join(ATTENTIONS)}")
-        head_dim = d // self.num_heads
         zeros = nn.initializers.zeros  # torch MultiheadAttention zero-initialises its biases
+        heads = lambda y: y.reshape(*y.shape[:-1], self.num_heads, y.shape[-1] // self.num_heads)
 
-        def project(x, name, kernel_init=packed_in_proj_init):
-            y = nn.Dense(d, dtype=self.dtype, kernel_init=kernel_init, bias_init=zeros, name=name)(x)
-            return y.reshape(*y.shape[:-1], self.num_heads, head_dim)
+        def project(x, name):
+            if not self.project:
+                return heads(x.astype(self.dtype))
+            return heads(nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=packed_in_proj_init, bias_init=zeros,
+                                  name=name)(x))
 
         q, k, v = project(query, "q_proj"), project(key, "k_proj"), project(value, "v_proj")
         attention_dropout = train and self.dropout > 0
         collecting = self.is_mutable_collection("intermediates") or self.is_mutable_collection("attention")
-        if self.attention == "fused" and not attention_dropout and not collecting:
+        if self.attention == "fused" and not attention_dropout and not collecting and d_qk == d_v:
             out = self.fused(q, k, v, key_padding_mask, train)
         else:
             out = self.explicit(q, k, v, key_padding_mask, train)
-        out = out.reshape(*query.shape[:-1], d)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=xavier_uniform, bias_init=zeros, name="out_proj")(out)
+        out = out.reshape(*query.shape[:-1], d_v)
+        return nn.Dense(d_v, dtype=self.dtype, kernel_init=xavier_uniform, bias_init=zeros, name="out_proj")(out)
 
     def explicit(self, q, k, v, key_padding_mask, train):
         """The reference path: q, k, v [B, L, heads, head_dim] -> [B, Lq, heads, head_dim]."""
@@ -147,7 +199,7 @@ class MultiHeadAttention(nn.Module):
 
     def fused(self, q, k, v, key_padding_mask, train):
         """``jax.nn.dot_product_attention``: same shapes as ``explicit``, no attention dropout."""
-        (b, q_len, heads, head_dim), kv_len = q.shape, k.shape[1]
+        (b, q_len, _, head_dim), kv_len = q.shape, k.shape[1]
         mask = jnp.broadcast_to(~key_padding_mask[:, None, None, :], (b, 1, q_len, kv_len))  # True = attend
         implementation = fused_implementation(jax.default_backend(), self.dtype, head_dim, kv_len, q_len, train)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

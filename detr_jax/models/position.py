@@ -68,3 +68,19 @@ class LearnedPositionEmbedding(nn.Module):
         pos = jnp.concatenate([jnp.broadcast_to(col[None, :w], (h, w, self.num_pos_feats)),
                                jnp.broadcast_to(row[:h, None], (h, w, self.num_pos_feats))], axis=-1)
         return jnp.broadcast_to(pos, (b, h, w, 2 * self.num_pos_feats))
+
+
+def sine_embed_points(points, num_feats: int, temperature: float = 10000.0):
+    """Sine embedding of points or boxes in [0, 1] as Conditional DETR's and DAB-DETR's
+    ``gen_sineembed_for_position``: points [..., R] (R = 2: (x, y); 4: (x, y, w, h)) ->
+    [..., R * num_feats], each coordinate times 2 pi embedded like ``SinePositionEmbedding``'s, in the
+    order y, x (, w, h). Float32."""
+    points = points.astype(jnp.float32)
+    dim_t = np.float32(temperature) ** (2 * (np.arange(num_feats, dtype=np.float32) // 2) / np.float32(num_feats))
+
+    def embed(coord):  # [...] -> [..., num_feats], (sin, cos) interleaved
+        p = coord[..., None] * np.float32(2 * math.pi) / dim_t
+        return jnp.stack([jnp.sin(p[..., 0::2]), jnp.cos(p[..., 1::2])], axis=-1).reshape(*p.shape[:-1], num_feats)
+
+    order = (1, 0, 2, 3)[:points.shape[-1]]
+    return jnp.concatenate([embed(points[..., i]) for i in order], axis=-1)

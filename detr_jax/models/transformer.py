@@ -3,7 +3,8 @@
 As official (facebookresearch/detr ``models/transformer.py``): position embeddings are added to
 queries and keys of every attention (not to values), padded keys are masked, post-norm by default
 (pre-norm adds a final encoder norm), and the decoder returns every layer's output after the shared
-final decoder norm. ``remat`` recomputes each layer's activations on the backward pass instead of
+final decoder norm. The encoder is shared by the other decoders (``detr_jax.models.decoders``).
+``remat`` recomputes each layer's activations on the backward pass instead of
 keeping them (``nn.remat``; same values, less memory, more compute).
 """
 import flax.linen as nn
@@ -24,8 +25,8 @@ class _Block(nn.Module):
     dtype: jnp.dtype
     attention_impl: str  # detr_jax.config.ATTENTIONS
 
-    def attention(self, name):
-        return MultiHeadAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl, name=name)
+    def attention(self, name, project: bool = True):
+        return MultiHeadAttention(self.num_heads, self.dropout, self.dtype, self.attention_impl, project, name=name)
 
     def ffn(self):
         return FeedForward(self.ffn_dim, self.ffn_type, self.activation, self.dropout, self.dtype, name="ffn")
@@ -58,33 +59,52 @@ class DecoderLayer(_Block):
         return self.residual(tgt, lambda x: self.ffn()(x, train), "norm3", train)
 
 
-class Transformer(_Block):
+class EncoderDecoder(_Block):
+    """What every transformer variant shares (``detr_jax.models.decoders``): its fields, the encoder
+    (DETR's, with an optional learned scaling of the position embedding), and remat."""
     num_encoder_layers: int = 6
     num_decoder_layers: int = 6
     remat: bool = False
 
-    @nn.compact
-    def __call__(self, src, pos, mask, query_embed, train: bool):
-        """src, pos: [B, N, d]; mask: [B, N] (True = padding); query_embed: [Q, d].
+    def block(self) -> dict:
+        return dict(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
+                    activation=self.activation, norm=self.norm, ffn_type=self.ffn_type,
+                    pre_norm=self.pre_norm, dtype=self.dtype, attention_impl=self.attention_impl)
 
-        Returns (hs [L, B, Q, d] decoder outputs after the final norm, memory [B, N, d]).
-        """
-        block = dict(num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
-                     activation=self.activation, norm=self.norm, ffn_type=self.ffn_type,
-                     pre_norm=self.pre_norm, dtype=self.dtype, attention_impl=self.attention_impl)
-        # `train` (the last argument; self is argument 0) is a Python bool: static under remat
-        encoder_layer = nn.remat(EncoderLayer, static_argnums=(4,)) if self.remat else EncoderLayer
-        decoder_layer = nn.remat(DecoderLayer, static_argnums=(6,)) if self.remat else DecoderLayer
+    def layer(self, cls, static_argnums: tuple[int, ...]):
+        """``cls``, under ``nn.remat`` with the Python (bool) arguments static when ``remat`` is on
+        (argument 0 is the module itself)."""
+        return nn.remat(cls, static_argnums=static_argnums) if self.remat else cls
+
+    def encode(self, src, pos, mask, train: bool, pos_scale=None):
+        """src, pos [B, N, d], mask [B, N] -> memory [B, N, d]. ``pos_scale``: a module of the
+        current tokens [B, N, d] -> [B, N, d] that scales the position embedding before each layer
+        (DAB-DETR's encoder ``query_scale``); None: the position embedding as it is (DETR)."""
+        encoder_layer = self.layer(EncoderLayer, (4,))
         memory = src
         for i in range(self.num_encoder_layers):
-            memory = encoder_layer(**block, name=f"encoder_layers_{i}")(memory, pos, mask, train)
+            layer_pos = pos if pos_scale is None else pos * pos_scale(memory)
+            memory = encoder_layer(**self.block(), name=f"encoder_layers_{i}")(memory, layer_pos, mask, train)
         if self.pre_norm:
             memory = make_norm(self.norm, self.dtype, "encoder_norm")(memory)
+        return memory
 
-        query_pos = jnp.broadcast_to(query_embed.astype(self.dtype), (src.shape[0], *query_embed.shape))
+
+class DETRTransformer(EncoderDecoder):
+    """Official DETR's encoder-decoder: learned query embeddings [Q, d] added to queries and keys of
+    both decoder attentions; boxes predicted absolute (no reference points)."""
+
+    @nn.compact
+    def __call__(self, src, pos, mask, spatial_shapes, queries, box_head, train: bool):
+        """The decoder contract (``detr_jax.models.decoders``); queries [Q, d] (``query_embed``).
+        -> (hs [L, B, Q, d] after the final decoder norm, None, memory [B, N, d])."""
+        del spatial_shapes, box_head  # one level, read as a sequence; boxes not refined layer by layer
+        memory = self.encode(src, pos, mask, train)
+        query_pos = jnp.broadcast_to(queries.astype(self.dtype), (src.shape[0], *queries.shape))
+        decoder_layer = self.layer(DecoderLayer, (6,))
         decoder_norm = make_norm(self.norm, self.dtype, "decoder_norm")
         tgt, hs = jnp.zeros_like(query_pos), []
         for i in range(self.num_decoder_layers):
-            tgt = decoder_layer(**block, name=f"decoder_layers_{i}")(tgt, memory, pos, query_pos, mask, train)
+            tgt = decoder_layer(**self.block(), name=f"decoder_layers_{i}")(tgt, memory, pos, query_pos, mask, train)
             hs.append(decoder_norm(tgt))
-        return jnp.stack(hs), memory
+        return jnp.stack(hs), None, memory

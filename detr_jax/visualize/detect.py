@@ -114,7 +114,7 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
 
     model, variables: a DETR module and its variables; data_config: eval sizes and buckets;
     names: a name per class (``class_names``); threshold: keep detections scoring at least this;
-    topk: only each image's k best queries (0: all); batch_size: images per batch (rounded up to a
+    topk: only each image's k best detections (``postprocess``; 0: official); batch_size: images per batch (rounded up to a
     multiple of the local devices); encoder_pixels: (x, y) original-image pixels whose encoder
     self-attention is drawn (clamped to each image); padding: config.model.padding for the
     detection ("exact": each image as if alone). -> the contents of detections.json.
