@@ -46,8 +46,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 num_queries=10, hidden_dim=128, num_heads=4, num_encoder_layers=3,
                                 num_decoder_layers=3, ffn_dim=256, dropout=0.0,
                                 # trains the official padded-batch way: "exact" costs this model (masked
-                                # GroupNorm statistics, small convs) ~10% of its 15-minute budget; its
-                                # evaluation is exact all the same (config.eval.padding)
+                                # GroupNorm statistics, small convs) ~10% of its 15-minute budget
                                 padding="official")
     config.loss = loss_config()
     config.data = data_config(source="synthetic", label_mapping="contiguous", max_boxes=8, crop_prob=0.0,
@@ -56,7 +55,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                                 warmup_epochs=1.0)
     config.train = train_config(batch_size=8, num_epochs=64.0, log_every_steps=100, checkpoint_every_steps=1000,
                                 eval_every_steps=1000)
-    config.eval = eval_config(batch_size=8)
+    # evaluated as it trains: its GroupNorm statistics were learned over padded canvases, and "exact"
+    # evaluation (statistics of each image alone) cost the demo 0.31 -> 0.19 AP (measured)
+    config.eval = eval_config(batch_size=8, padding="official")
     config.init = init_config(pretrain_steps=1000)
     if variant == "tiny":
         config.model.update(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=2, ffn_dim=64, num_queries=10)

@@ -184,24 +184,25 @@ def test_focal_model_head_and_exact_padding(decoder):
 
 @pytest.mark.parametrize("decoder", ["conditional", "dab"])
 def test_a_tiny_focal_run_trains_evaluates_and_detects(decoder, tmp_path):
-    """train.py on the synthetic :DECODER_tiny config (2 steps, evaluated at the end: COCO AP and the
-    val loss of the focal model), then detect on two val images."""
-    workdir, data = tmp_path / "run", tmp_path / "data"
-    train = subprocess.run([sys.executable, "train.py", f"--config=configs/synthetic.py:{decoder}_tiny",
-                            f"--workdir={workdir}", f"--config.data.data_dir={data}", "--config.train.num_steps=2",
-                            "--config.train.eval_at_end=True"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-3000:]
-    (evaluation,) = [json.loads(line) for line in (workdir / "history" / "eval.jsonl").read_text().splitlines()]
+    """What train.py and detect do, in process (their command lines are tested on the DETR decoder):
+    the synthetic :DECODER_tiny config trained 2 steps and evaluated at the end (COCO AP and the val
+    loss of the focal model), then its checkpoint detects on a val image with the decoder attention."""
+    from configs.synthetic import get_config
+    from detr_jax.training import train_and_evaluate
+    from detr_jax.visualize.detect import detect_checkpoint
+
+    config = get_config(f"{decoder}_tiny")
+    config.data.data_dir = str(tmp_path / "data")
+    config.train.update(num_steps=2, eval_at_end=True)
+    train_and_evaluate(config, tmp_path / "run")
+    (evaluation,) = [json.loads(line) for line in (tmp_path / "run" / "history" / "eval.jsonl").read_text().splitlines()]
     assert 0 <= evaluation["AP"] <= 1 and evaluation["val_loss_ce"] > 0
-    out = tmp_path / "detect"
-    detect = subprocess.run([sys.executable, "-m", "detr_jax.detect", f"--workdir={workdir}",
-                             f"--images={data / 'val' / '000001.jpg'}", f"--output={out}", "--threshold=0",
-                             "--topk=7", "--decoder_attention"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert detect.returncode == 0, detect.stderr[-3000:]
-    (image,) = json.loads((out / "detections.json").read_text())["images"]
+    found = detect_checkpoint(None, str(tmp_path / "data" / "val" / "000001.jpg"), tmp_path / "detect",
+                              workdir=tmp_path / "run", threshold=0.0, topk=7, decoder_attention=True, log=lambda _: None)
+    (image,) = found["images"]
     scores = [d["score"] for d in image["detections"]]
     assert len(scores) == 7 and scores == sorted(scores, reverse=True)
-    assert (out / "000001_decoder_attention.png").exists()
+    assert (tmp_path / "detect" / "000001_decoder_attention.png").exists()
 
 
 def test_convert_round_trips_each_official_layout_and_refuses_mismatches(official, tmp_path):

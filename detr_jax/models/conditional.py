@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from detr_jax.models.layers import MLP, dense, make_norm, xavier_uniform
+from detr_jax.models.layers import MLP, dense, inverse_sigmoid, make_norm, xavier_uniform
 from detr_jax.models.position import sine_embed_points
 from detr_jax.models.transformer import EncoderDecoder, _Block
 
@@ -65,13 +65,6 @@ class ConditionalDecoderLayer(_Block):
         tgt = self.residual(tgt, self_attention, "norm1", train)
         tgt = self.residual(tgt, cross_attention, "norm2", train)
         return self.residual(tgt, lambda x: self.ffn()(x, train), "norm3", train)
-
-
-def inverse_sigmoid(x, eps: float):
-    """The official ``inverse_sigmoid``: log(x / (1 - x)) with x clipped to [0, 1] and both x and
-    1 - x to at least eps (Conditional DETR 1e-5, DAB-DETR 1e-3)."""
-    x = jnp.clip(x, 0, 1)
-    return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1 - x, eps))
 
 
 class ConditionalTransformer(EncoderDecoder):

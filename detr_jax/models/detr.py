@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from detr_jax.classification import classification as classification_of
-from detr_jax.models.conditional import inverse_sigmoid
 from detr_jax.models.decoders import DECODERS
-from detr_jax.models.layers import MLP, dense, torch_default_bias_init, torch_default_kernel_init
+from detr_jax.models.layers import MLP, dense, inverse_sigmoid, torch_default_bias_init, torch_default_kernel_init
 from detr_jax.models.position import LearnedPositionEmbedding, SinePositionEmbedding, downsample_mask
 from detr_jax.models.resnet import BACKBONES, ResNet, valid_region
 
