@@ -54,7 +54,7 @@ def test_convert_official_checkpoint(tmp_path, tiny_official):
     assert f"wrote {out}" in result.stdout
     assert "orbax" not in result.stderr and "xla_bridge" not in result.stderr  # no library chatter (was ~40 lines)
     assert ("assumed architecture (config.model, recorded in model_config.json, checked at every load): resnet_tiny, "
-            "2 + 3 layers, post-norm, 10 queries, 5 classes.") in result.stdout
+            "2 + 3 layers, post-norm, detr decoder, softmax classification, 10 queries, 5 classes.") in result.stdout
     variables, model_config = load_variables(out)
     assert model_config.backbone == "resnet_tiny" and model_config.num_classes == 5
     got = build_model(model_config).apply(variables, *inputs)

@@ -321,6 +321,7 @@ class Oracle(nn.Module):
     num_classes: int
     num_queries: int = 2
     padding: str = "exact"  # DETR's field, which evaluation sets; each image is read alone either way
+    classification: str = "softmax"  # DETR's field: the postprocess and val loss follow it
 
     @nn.compact
     def __call__(self, images, padding_mask, train=False):

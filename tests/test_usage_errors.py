@@ -49,7 +49,7 @@ MISTAKES = [
      "error: the config has 2 problems:"),
     ("an unknown variant", ["--config=configs/synthetic.py:tiniest"],
      "error: flag --config=configs/synthetic.py:tiniest: ValueError: configs/synthetic.py: unknown variant 'tiniest'; "
-     "expected tiny or overfit (or none)"),
+     "expected [DECODER_]VARIANT with DECODER one of detr, conditional, dab and VARIANT one of demo, tiny, overfit"),
     ("an unknown flag", ["--work_dir=/tmp"], "error: Unknown command line flag 'work_dir'"),
     ("a bucket off the stride", ["--config.data.buckets=((100, 128),)"],
      "error: the config has a problem: config.data.buckets = ((100, 128),): expected (h, w) pairs, positive "
