@@ -14,7 +14,8 @@ DTYPES = ("float32", "bfloat16")
 ATTENTIONS = ("xla", "fused")
 REMATS = ("none", "transformer", "backbone", "all")
 PADDINGS = ("exact", "official")
-DECODERS = ("detr", "conditional", "dab")  # detr_jax.models.decoders
+DECODERS = ("detr", "conditional", "dab", "deformable")  # detr_jax.models.decoders
+MSDA_IMPLS = ("gather", "dense")  # detr_jax.models.deformable
 CLASSIFICATIONS = ("softmax", "sigmoid_focal")  # detr_jax.classification
 ON_NONFINITE = ("stop", "skip")
 
@@ -31,7 +32,15 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
       decoder: one of DECODERS (``detr_jax.models.decoders``): "detr" (official DETR), "conditional"
         (Conditional DETR: reference points, conditional spatial queries) or "dab" (DAB-DETR: 4-d
         anchor boxes refined layer by layer; its encoder scales the position embedding, and its
-        position embedding has temperature 20).
+        position embedding has temperature 20) or "deformable" (Deformable DETR: 4 feature levels,
+        C3..C5 and a stride-64 conv, with multi-scale deformable attention in encoder and decoder).
+      with_box_refine: Deformable DETR's iterative box refinement (a box head per decoder layer,
+        each refining the reference boxes of the next layer).
+      two_stage: Deformable DETR's two-stage variant: the encoder proposes a box per token, the
+        top num_queries proposals are the decoder's queries (trained with their own loss, enc terms).
+      msda_impl: how multi-scale deformable attention samples its values, one of MSDA_IMPLS, the same
+        values (``detr_jax.models.deformable``): "gather" (default, memory linear in the points) or
+        "dense" (a sampling matrix per level and a matrix product; memory O(queries x cells)).
       num_queries: object queries (detection slots) per image.
       hidden_dim, num_heads, num_encoder_layers, num_decoder_layers, ffn_dim, dropout: transformer.
       activation: FFN activation for ``ffn_type='mlp'``, one of ACTIVATIONS.
@@ -94,6 +103,9 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         remat="none",
         padding="exact",
         conv_impl="auto",
+        with_box_refine=False,
+        two_stage=False,
+        msda_impl="gather",
     ))
     cfg.update(overrides)
     return cfg

@@ -26,7 +26,7 @@ import numpy as np
 
 from detr_jax.classification import classification as classification_of
 from detr_jax.errors import DataError, UsageError
-from detr_jax.models.detr import build_model, class_head
+from detr_jax.models.detr import build_model, class_head, init_inputs
 
 BACKBONE_PREFIX = "backbone.0.body."
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -36,9 +36,30 @@ SOURCES = {
     "official": ("detr", "softmax"),  # facebookresearch/detr
     "conditional_detr": ("conditional", "sigmoid_focal"),  # Atten4Vis/ConditionalDETR
     "dab_detr": ("dab", "sigmoid_focal"),  # IDEA-Research/DAB-DETR
+    "deformable_detr": ("deformable", "sigmoid_focal"),  # fundamentalvision/Deformable-DETR
 }
-# state_dict keys of a decoder's official model that repeat a shared module: alias prefix -> its prefix
-ALIASES = {"dab": {"transformer.decoder.bbox_embed.": "bbox_embed."}}
+CLASS_HEAD_WEIGHT = re.compile(r"class_embed(\.\d+)?\.weight")
+
+
+def aliases(model_config) -> dict[str, str]:
+    """The official model's state_dict keys that repeat a shared module: alias prefix -> the prefix
+    of the key it repeats (DAB-DETR's decoder box head; Deformable DETR's per-layer heads, which are
+    one module without box refinement, and the decoder's references to them)."""
+    cfg = model_config
+    if cfg.decoder == "dab":
+        return {"transformer.decoder.bbox_embed.": "bbox_embed."}
+    if cfg.decoder != "deformable":
+        return {}
+    heads = range(cfg.num_decoder_layers + int(cfg.two_stage))
+    if cfg.with_box_refine:
+        out = {f"transformer.decoder.bbox_embed.{i}.": f"bbox_embed.{i}." for i in heads}
+        canonical = lambda i: f"class_embed.{i}."
+    else:
+        out = {f"{name}.{i}.": f"{name}.0." for name in ("class_embed", "bbox_embed") for i in heads if i}
+        canonical = lambda i: "class_embed.0."
+    if cfg.two_stage:
+        out.update({f"transformer.decoder.class_embed.{i}.": canonical(i) for i in heads})
+    return out
 
 
 class CheckpointMismatchError(UsageError, ValueError):
@@ -69,8 +90,10 @@ def official_key(path: tuple[str, ...]) -> tuple[str, int | None]:
             parts += [match[1], "layers", match[2]]
         elif match := re.fullmatch(r"(encoder|decoder)_(norm|query_scale|ref_point_head|ref_anchor_head)", m):
             parts += [match[1], match[2]]
-        elif match := re.fullmatch(r"(layer\d|layers)_(\d+)", m):
+        elif match := re.fullmatch(r"(layer\d|layers|class_embed|bbox_embed)_(\d+)", m):
             parts += [match[1], match[2]]
+        elif match := re.fullmatch(r"input_proj_(\d+)_(\d+)", m):
+            parts += ["input_proj", match[1], match[2]]
         elif m in ("downsample_conv", "downsample_bn"):
             parts += ["downsample", "0" if m.endswith("conv") else "1"]
         else:
@@ -87,7 +110,7 @@ def official_key(path: tuple[str, ...]) -> tuple[str, int | None]:
 def variable_shapes(model_config) -> dict:
     """Abstract variables {collection: tree of ShapeDtypeStruct} of the model (no compute)."""
     model = build_model(model_config)
-    image, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
+    image, mask = init_inputs(model_config)
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), image, mask))
 
 
@@ -154,13 +177,14 @@ def _check(state_dict, expected: dict[str, tuple], ignore=lambda key: False, hin
 
 
 def _check_num_classes(state_dict, model_config) -> None:
-    weight = state_dict.get("class_embed.weight")
+    key = next((k for k in state_dict if CLASS_HEAD_WEIGHT.fullmatch(k)), None)
     kind = classification_of(model_config.classification)
-    if weight is not None and np.shape(weight)[0] != kind.num_logits(model_config.num_classes):
+    if key is not None and np.shape(state_dict[key])[0] != kind.num_logits(model_config.num_classes):
+        weight = state_dict[key]
         n = kind.num_classes(np.shape(weight)[0])
         logits = f"num_classes={n} + no-object" if kind.name == "softmax" else f"num_classes={n}, sigmoid_focal"
         raise CheckpointMismatchError(
-            f"class_embed.weight has {np.shape(weight)[0]} logits ({logits}) but config.model.num_classes="
+            f"{key} has {np.shape(weight)[0]} logits ({logits}) but config.model.num_classes="
             f"{model_config.num_classes}. To evaluate this checkpoint set --config.model.num_classes={n}; to "
             "fine-tune it on your classes keep your num_classes and drop its class head "
             "(drop_class_head=True, or --drop_class_head on the command line), which loads everything else "
@@ -178,17 +202,17 @@ def check_source(source: str, model_config) -> None:
             "configs/conditional_coco.py:r50 or configs/dab_coco.py:r50) or set those two fields")
 
 
-def without_aliases(state_dict, decoder: str) -> dict:
-    """The state_dict without the keys that repeat a shared module (ALIASES), each checked equal to
-    the key it repeats (a file whose aliases differ is not an official model)."""
-    aliases = ALIASES.get(decoder, {})
+def without_aliases(state_dict, model_config) -> dict:
+    """The state_dict without the keys that repeat a shared module (``aliases``), each checked equal
+    to the key it repeats (a file whose aliases differ is not an official model)."""
+    repeats = aliases(model_config)
     out = {}
     for key, value in state_dict.items():
-        alias = next((a for a in aliases if key.startswith(a)), None)
+        alias = next((a for a in repeats if key.startswith(a)), None)
         if alias is None:
             out[key] = value
             continue
-        original = aliases[alias] + key[len(alias):]
+        original = repeats[alias] + key[len(alias):]
         if original in state_dict and not np.array_equal(np.asarray(value), np.asarray(state_dict[original])):
             raise CheckpointMismatchError(f"{key} should repeat {original} (one shared module), but the values differ")
     return out
@@ -209,7 +233,7 @@ def from_official_state_dict(state_dict, model_config, *, drop_class_head: bool 
     ``model_config.num_classes`` from ``rng`` (fine-tuning on another set of classes).
     """
     state_dict = without_aliases({k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")},
-                                 model_config.decoder)
+                                 model_config)
     leaves = model_leaves(model_config)
     expected = {leaf.key: _official_shape(leaf) for leaf in leaves}
     is_head = lambda key: key.startswith("class_embed.")
@@ -221,17 +245,20 @@ def from_official_state_dict(state_dict, model_config, *, drop_class_head: bool 
     flat = {(leaf.collection, leaf.path): _to_flax(leaf, np.asarray(state_dict[leaf.key], np.float32))
             for leaf in leaves if leaf.key in expected}
     if drop_class_head:
-        head = class_head(model_config.num_classes, model_config.hidden_dim, model_config.classification).init(
-            jax.random.PRNGKey(0) if rng is None else rng, jnp.zeros((1, model_config.hidden_dim)))
-        for name, value in head["params"].items():
-            flat[("params", ("class_embed", name))] = value
+        rng = jax.random.PRNGKey(0) if rng is None else rng
+        names = sorted({leaf.path[0] for leaf in leaves if leaf.collection == "params" and is_head(leaf.key)})
+        for i, module in enumerate(names):
+            head = class_head(model_config.num_classes, model_config.hidden_dim, model_config.classification).init(
+                rng if i == 0 else jax.random.fold_in(rng, i), jnp.zeros((1, model_config.hidden_dim)))
+            for name, value in head["params"].items():
+                flat[("params", (module, name))] = value
     return _unflatten(flat)
 
 
 def to_official_state_dict(variables, model_config) -> dict[str, np.ndarray]:
     """The inverse of ``from_official_state_dict``: official key -> float32 numpy array, loadable
     by the official PyTorch model with ``load_state_dict(..., strict=True)`` (shared modules under
-    each of their keys, ALIASES)."""
+    each of their keys, ``aliases``)."""
     flat = {c: flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)) for c, tree in variables.items()}
     grouped: dict[str, list] = {}
     for leaf in model_leaves(model_config):
@@ -239,7 +266,7 @@ def to_official_state_dict(variables, model_config) -> dict[str, np.ndarray]:
         grouped.setdefault(leaf.key, []).append((leaf.qkv, _from_flax(leaf, value)))
     state_dict = {key: parts[0][1] if parts[0][0] is None else np.concatenate([p for _, p in sorted(parts)])
                   for key, parts in grouped.items()}
-    for alias, original in ALIASES.get(model_config.decoder, {}).items():
+    for alias, original in aliases(model_config).items():
         state_dict.update({alias + k[len(original):]: v for k, v in list(state_dict.items()) if k.startswith(original)})
     return state_dict
 
@@ -298,7 +325,7 @@ def convert_file(input_path, output_dir, model_config, *, source: str = "officia
         variables = from_official_state_dict(state_dict, model_config, drop_class_head=drop_class_head, rng=rng)
     elif source == "torchvision":
         model = build_model(model_config)
-        fresh = jax.jit(model.init)(rng, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+        fresh = jax.jit(model.init)(rng, *init_inputs(model_config))
         variables = from_torchvision_resnet(state_dict, model_config, fresh)
     else:
         raise ValueError(f"source must be one of {', '.join(SOURCES)} or 'torchvision', got {source!r}")

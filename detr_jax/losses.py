@@ -13,8 +13,11 @@
   predicts an object when its best logit is not the last); ``class_error``: 100 -
   top-1 accuracy (%) of matched queries, final layer only. Both are metrics, without gradient.
 - the same terms for each auxiliary decoder layer l, suffixed ``_l`` (``loss_ce_0`` ...).
+- two-stage models (outputs with ``enc_outputs``): the same terms for the encoder's proposals,
+  matched against the targets with every label 0 (class-agnostic), suffixed ``_enc``, as official.
 
-``total = sum(ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou)`` over layers.
+``total = sum(ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou)`` over layers
+(and the proposals).
 
 Every term is a numerator over a denominator (``loss_sums``), divided by ``normalise``: summing
 both over batches, devices or hosts before dividing gives the loss of their union (evaluation's
@@ -103,6 +106,13 @@ def loss_sums(outputs, targets, loss_config, classification: str, *, method=None
         layer_sums = _layer_sums(logits[layer], boxes[layer], matched[layer], targets, cfg, kind, example_valid)
         sums.update({name + suffix: value for name, value in layer_sums.items()})
     sums["class_error"] = _class_error_sums(logits[-1], matched[-1], targets["labels"])
+    if "enc_outputs" in outputs:  # two-stage: the encoder's proposals against class-agnostic targets
+        proposals = outputs["enc_outputs"]
+        binary = {**targets, "labels": jnp.zeros_like(targets["labels"])}
+        matched_proposals = match(proposals, binary, cfg, classification, method)[0]
+        proposal_sums = _layer_sums(proposals["pred_logits"], proposals["pred_boxes"], matched_proposals, binary, cfg,
+                                    kind, example_valid)
+        sums.update({name + "_enc": value for name, value in proposal_sums.items()})
     return sums
 
 
@@ -132,9 +142,9 @@ def normalise(sums, loss_config, *, axis_name=None):
 
 
 def _unsuffixed(name: str) -> str:
-    """A term's name without its auxiliary layer suffix: loss_ce_0 -> loss_ce."""
+    """A term's name without its auxiliary layer or encoder suffix: loss_ce_0, loss_ce_enc -> loss_ce."""
     base, _, last = name.rpartition("_")
-    return base if last.isdigit() else name
+    return base if last.isdigit() or last == "enc" else name
 
 
 def compute_loss(outputs, targets, loss_config, classification: str, *, axis_name=None, method=None):

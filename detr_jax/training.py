@@ -30,6 +30,7 @@ from detr_jax.errors import ConfigError
 from detr_jax.losses import compute_loss
 from detr_jax.metrics import MetricsWriter, Throughput
 from detr_jax.models import build_model, trainable_mask
+from detr_jax.models.detr import init_inputs
 from detr_jax.optim import make_optimizer
 from detr_jax.parallel import AXIS, first_local, replicate_on_devices, shard
 
@@ -98,7 +99,7 @@ def initial_variables(config, model, rng):
     ImageNet weights for the backbone."""
     init = config.init
     if not init.checkpoint:
-        variables = jax.jit(model.init)(rng, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+        variables = jax.jit(model.init)(rng, *init_inputs(config.model))
     else:  # no fresh init to throw away: the checkpoint gives every variable (or the class head's rng)
         path = Path(init.checkpoint)
         if path.is_dir():

@@ -9,8 +9,8 @@ what is absent is not checked.
 """
 import numbers
 
-from detr_jax.config import (ACTIVATIONS, ATTENTIONS, CLASSIFICATIONS, DECODERS, DTYPES, FFN_TYPES, NORMS,
-                             ON_NONFINITE, PADDINGS, POSITION_EMBEDDINGS, REMATS)
+from detr_jax.config import (ACTIVATIONS, ATTENTIONS, CLASSIFICATIONS, DECODERS, DTYPES, FFN_TYPES, MSDA_IMPLS,
+                             NORMS, ON_NONFINITE, PADDINGS, POSITION_EMBEDDINGS, REMATS)
 from detr_jax.data.records import LABEL_MAPPINGS, MAX_BOXES_POLICIES
 from detr_jax.data.registry import SOURCES
 from detr_jax.data.source import SPLITS, UNKNOWN_CATEGORY_POLICIES
@@ -48,6 +48,7 @@ def sizes(low=1):
 
 
 POSITIVE, COUNT, PROBABILITY, WEIGHT = integer(1), integer(0), number(0, 1), number(0)
+BOOL = (lambda v: isinstance(v, bool), "True or False")
 
 FIELDS = {
     "model": dict(
@@ -58,7 +59,7 @@ FIELDS = {
         position_embedding=one_of(*POSITION_EMBEDDINGS), backbone=one_of(*BACKBONES, "custom"),
         backbone_norm=one_of(*BACKBONE_NORMS), frozen_stages=integer(-1, 4), dtype=one_of(*DTYPES),
         attention=one_of(*ATTENTIONS), remat=one_of(*REMATS), padding=one_of(*PADDINGS),
-        conv_impl=one_of(*CONV_IMPLS)),
+        conv_impl=one_of(*CONV_IMPLS), with_box_refine=BOOL, two_stage=BOOL, msda_impl=one_of(*MSDA_IMPLS)),
     "loss": dict(
         cost_class=WEIGHT, cost_bbox=WEIGHT, cost_giou=WEIGHT, ce_weight=WEIGHT, bbox_weight=WEIGHT,
         giou_weight=WEIGHT, eos_coef=number(0, 1, low_open=True), matcher=one_of(*MATCHERS),
@@ -119,6 +120,17 @@ def relation_problems(config) -> list[str]:
     if hidden and heads and (hidden % 2 or hidden % heads):
         problems.append(f"config.model.hidden_dim = {hidden}: expected an even multiple of config.model.num_heads "
                         f"({heads})")
+    decoder = get("model.decoder")
+    for field in ("with_box_refine", "two_stage"):
+        if get(f"model.{field}") and decoder != "deformable":
+            problems.append(f"config.model.{field} = True: expected config.model.decoder = 'deformable' (Deformable "
+                            f"DETR's option; the decoder is {decoder!r})")
+    if decoder == "deformable" and get("model.backbone") == "custom":
+        problems.append("config.model.backbone = 'custom': decoder 'deformable' needs a named ResNet (it reads its "
+                        "last three stages)")
+    if decoder == "deformable" and hidden and hidden % 32:
+        problems.append(f"config.model.hidden_dim = {hidden}: decoder 'deformable' needs a multiple of 32 (its input "
+                        "projections' GroupNorm has 32 groups)")
     low, high = get("data.crop_min_size"), get("data.crop_max_size")
     if low and high and low > high:
         problems.append(f"config.data.crop_min_size = {low}: expected at most config.data.crop_max_size ({high})")

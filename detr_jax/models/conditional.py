@@ -71,11 +71,11 @@ class ConditionalTransformer(EncoderDecoder):
     """Conditional DETR's encoder-decoder. queries: ``query_embed`` [Q, d]."""
 
     @nn.compact
-    def __call__(self, src, pos, mask, spatial_shapes, queries, box_head, train: bool):
+    def __call__(self, src, pos, mask, spatial_shapes, queries, class_heads, box_heads, train: bool):
         """The decoder contract (``detr_jax.models.decoders``) -> (hs [L, B, Q, d] after the final
         decoder norm, reference points [L, B, Q, 2] (x, y) in (0, 1), the same for every layer,
-        memory [B, N, d])."""
-        del spatial_shapes, box_head  # one level, read as a sequence; reference points not refined
+        memory [B, N, d], None)."""
+        del spatial_shapes, class_heads, box_heads  # one level, read as a sequence; references not refined
         d, b = src.shape[-1], src.shape[0]
         memory = self.encode(src, pos, mask, train)
         query_pos = jnp.broadcast_to(queries.astype(self.dtype), (b, *queries.shape))
@@ -91,7 +91,7 @@ class ConditionalTransformer(EncoderDecoder):
             tgt = decoder_layer(**self.block(), name=f"decoder_layers_{i}")(
                 tgt, memory, pos, query_pos, query_sine_embed, mask, i == 0, train)
             hs.append(decoder_norm(tgt))
-        return jnp.stack(hs), jnp.broadcast_to(reference, (len(hs), *reference.shape)), memory
+        return jnp.stack(hs), jnp.broadcast_to(reference, (len(hs), *reference.shape)), memory, None
 
 
 DAB_INVERSE_SIGMOID_EPS = 1e-3
@@ -101,12 +101,12 @@ class DABTransformer(EncoderDecoder):
     """DAB-DETR's encoder-decoder. queries: ``refpoint_embed`` [Q, 4], anchors before the sigmoid."""
 
     @nn.compact
-    def __call__(self, src, pos, mask, spatial_shapes, queries, box_head, train: bool):
-        """The decoder contract (``detr_jax.models.decoders``); box_head: the model's box MLP
-        (shared, as official ``transformer.decoder.bbox_embed``), float32 [..., d] -> [..., 4].
+    def __call__(self, src, pos, mask, spatial_shapes, queries, class_heads, box_heads, train: bool):
+        """The decoder contract (``detr_jax.models.decoders``); box_heads: the model's box MLP, one
+        module shared by every layer (official ``transformer.decoder.bbox_embed``).
         -> (hs [L, B, Q, d] after the final decoder norm, anchors [L, B, Q, 4] (x, y, w, h) in
-        (0, 1) that each layer started from, memory [B, N, d])."""
-        del spatial_shapes  # one level, read as a sequence
+        (0, 1) that each layer started from, memory [B, N, d], None)."""
+        del spatial_shapes, class_heads  # one level, read as a sequence
         d, b = src.shape[-1], src.shape[0]
         memory = self.encode(src, pos, mask, train, pos_scale=MLP(d, d, 2, self.dtype, name="encoder_query_scale"))
         anchor = jax.nn.sigmoid(jnp.broadcast_to(queries.astype(jnp.float32), (b, *queries.shape)))
@@ -126,10 +126,10 @@ class DABTransformer(EncoderDecoder):
                                        spatial[..., d // 2:] * (ratio[..., 0] / anchor[..., 2])[..., None]], axis=-1)
             tgt = decoder_layer(**self.block(), name=f"decoder_layers_{i}")(
                 tgt, memory, pos, query_pos, spatial.astype(self.dtype), mask, i == 0, train)
-            refined = jax.nn.sigmoid(box_head(tgt.astype(jnp.float32))
+            refined = jax.nn.sigmoid(box_heads[i](tgt.astype(jnp.float32))
                                      + inverse_sigmoid(anchor, DAB_INVERSE_SIGMOID_EPS))
             if i < self.num_decoder_layers - 1:
                 anchors.append(refined)  # the heads of layer i + 1 predict relative to it, with gradient
             anchor = jax.lax.stop_gradient(refined)  # official: the next layer's input is detached
             hs.append(decoder_norm(tgt))
-        return jnp.stack(hs), jnp.stack(anchors), memory
+        return jnp.stack(hs), jnp.stack(anchors), memory, None

@@ -25,35 +25,43 @@ import jax.numpy as jnp
 
 from detr_jax.classification import classification as classification_of
 from detr_jax.models.decoders import DECODERS
-from detr_jax.models.layers import MLP, dense, inverse_sigmoid, torch_default_bias_init, torch_default_kernel_init
+from detr_jax.models.layers import (MLP, dense, inverse_sigmoid, torch_default_bias_init, torch_default_kernel_init,
+                                    xavier_uniform)
 from detr_jax.models.position import LearnedPositionEmbedding, SinePositionEmbedding, downsample_mask
-from detr_jax.models.resnet import BACKBONES, ResNet, valid_region
+from detr_jax.models.resnet import BACKBONES, ResNet, halve, normalize, valid_region
 
 
-def class_head(num_classes: int, hidden_dim: int, classification: str) -> nn.Dense:
+def class_head(num_classes: int, hidden_dim: int, classification: str, name: str = "class_embed") -> nn.Dense:
     """The class head, hidden_dim -> the classification type's logits (``detr_jax.classification``),
     float32; torch's default init, the bias at the focal prior for sigmoid_focal (as official)."""
     kind = classification_of(classification)
     bias_init = (torch_default_bias_init(hidden_dim) if kind.prior_bias is None
                  else nn.initializers.constant(kind.prior_bias))
     return nn.Dense(kind.num_logits(num_classes), dtype=jnp.float32, kernel_init=torch_default_kernel_init,
-                    bias_init=bias_init, name="class_embed")
+                    bias_init=bias_init, name=name)
 
 
-def box_head(hidden_dim: int, relative: bool) -> MLP:
+def box_head(hidden_dim: int, relative: bool, wh_bias: float = 0.0, name: str = "bbox_embed") -> MLP:
     """The box MLP, hidden_dim -> 4 (pre-sigmoid), 3 layers, float32, torch's default init; its last
-    layer zeroed where boxes are predicted relative to a reference (official Conditional / DAB)."""
-    return MLP(hidden_dim, 4, 3, jnp.float32, torch_default_kernel_init, zero_last=relative, name="bbox_embed")
+    layer zeroed where boxes are predicted relative to a reference (official Conditional / DAB /
+    Deformable), with ``wh_bias`` on (w, h) (Deformable DETR's -2)."""
+    return MLP(hidden_dim, 4, 3, jnp.float32, torch_default_kernel_init, zero_last=relative,
+               last_bias=(0.0, 0.0, wh_bias, wh_bias) if wh_bias else None, name=name)
 
 
-def heads(hs, references, class_embed, bbox_embed, reference_eps):
+def heads(hs, references, class_heads, box_heads, reference_eps):
     """The decoder contract's heads (``detr_jax.models.decoders``): hs [L, B, Q, d] float32,
-    references [L, B, Q, R] or None -> (logits [L, B, Q, C'], boxes [L, B, Q, 4] in (0, 1))."""
-    raw = bbox_embed(hs)
-    if references is not None:
-        offset = inverse_sigmoid(references, reference_eps)
-        raw = raw + jnp.pad(offset, [(0, 0)] * (raw.ndim - 1) + [(0, 4 - offset.shape[-1])])
-    return class_embed(hs), jax.nn.sigmoid(raw)
+    references (per layer [B, Q, R]) or None, one class and one box head per layer ->
+    (logits [L, B, Q, C'], boxes [L, B, Q, 4] in (0, 1))."""
+    logits, boxes = [], []
+    for layer in range(hs.shape[0]):
+        raw = box_heads[layer](hs[layer])
+        if references is not None:
+            offset = inverse_sigmoid(references[layer], reference_eps)
+            raw = raw + jnp.pad(offset, [(0, 0)] * (raw.ndim - 1) + [(0, 4 - offset.shape[-1])])
+        logits.append(class_heads[layer](hs[layer]))
+        boxes.append(jax.nn.sigmoid(raw))
+    return jnp.stack(logits), jnp.stack(boxes)
 
 
 def check_inputs(images, padding_mask) -> None:
@@ -114,11 +122,82 @@ class DETR(nn.Module):
     attention: str = "xla"  # detr_jax.config.ATTENTIONS
     remat_transformer: bool = False
     padding: str = "exact"  # detr_jax.config.PADDINGS
+    with_box_refine: bool = False  # Deformable DETR
+    two_stage: bool = False  # Deformable DETR
+    msda_impl: str = "gather"  # Deformable DETR, detr_jax.models.deformable.MSDA_IMPLS
 
     @nn.compact
     def __call__(self, images, padding_mask, train: bool = False):
         check_inputs(images, padding_mask)
         check_padding(self.padding, self.backbone)
+        decoder = DECODERS[self.decoder]
+        features, levels = (self.multi_scale(images, padding_mask) if decoder.multi_scale
+                            else self.single_scale(images, padding_mask))
+        half = self.hidden_dim // 2
+        if self.position_embedding == "sine":
+            embed = SinePositionEmbedding(half, decoder.position_temperature, offset=decoder.position_offset,
+                                          name="position_embedding")
+        else:
+            embed = LearnedPositionEmbedding(half, name="position_embedding")
+        masks = [mask for _, mask in levels]
+        pos = [embed(mask) for mask in masks]
+        b, d = images.shape[0], self.hidden_dim
+        flat = lambda xs: jnp.concatenate([x.reshape(b, x.shape[1] * x.shape[2], *x.shape[3:]) for x in xs], axis=1)
+        queries = None if self.two_stage else self.param(
+            decoder.query_param, nn.initializers.normal(1.0), (self.num_queries, decoder.query_width(d)))
+        class_heads, box_heads = self.heads(decoder)
+        fields = {name: getattr(self, name) for name in decoder.module_fields}
+        hs, references, memory, encoder_outputs = decoder.module(
+            num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
+            activation=self.activation, norm=self.norm, ffn_type=self.ffn_type, pre_norm=self.pre_norm,
+            dtype=self.dtype, attention_impl=self.attention, num_encoder_layers=self.num_encoder_layers,
+            num_decoder_layers=self.num_decoder_layers, remat=self.remat_transformer, name="transformer", **fields,
+        )(flat([src for src, _ in levels]), flat(pos).astype(self.dtype), flat(masks),
+          tuple(mask.shape[1:] for mask in masks), queries, class_heads, box_heads, train)
+
+        # the heads run in float32 whatever the compute dtype
+        logits, boxes = heads(hs.astype(jnp.float32), references, class_heads, box_heads, decoder.reference_eps)
+        one = lambda xs: xs[0] if len(xs) == 1 else xs  # single-scale models sow arrays, multi-scale lists
+        if len(levels) == 1:
+            memory = memory.reshape(masks[0].shape + (d,))
+        for name, value in (("backbone_features", features), ("feature_mask", one(masks)), ("pos", one(pos)),
+                            ("proj_src", one([src for src, _ in levels])), ("memory", memory), ("hs", hs),
+                            ("references", references)):
+            if value is None:
+                continue
+            self.sow("intermediates", name, value)
+        outputs = {
+            "pred_logits": logits[-1],
+            "pred_boxes": boxes[-1],
+            "aux_outputs": [{"pred_logits": l, "pred_boxes": x} for l, x in zip(logits[:-1], boxes[:-1])],
+        }
+        if encoder_outputs is not None:
+            outputs["enc_outputs"] = {k: v.astype(jnp.float32) for k, v in encoder_outputs.items()}
+        return outputs
+
+    def heads(self, decoder):
+        """(class heads, box heads): one per decoder layer, plus the proposals' for two-stage; one
+        shared module (official ``class_embed`` / ``bbox_embed``; ``class_embed_0`` ... for decoders
+        whose official state_dict lists it per layer) unless ``with_box_refine`` (``class_embed_{l}``
+        / ``bbox_embed_{l}``, as official ``_get_clones``)."""
+        count = self.num_decoder_layers + int(self.two_stage)
+        relative = decoder.reference_eps is not None
+        # Deformable DETR starts boxes small (w, h bias -2: the shared head, or head 0 of the clones);
+        # two-stage proposals carry their own size (bias 0)
+        wh_bias = -2.0 if decoder.multi_scale and not self.two_stage else 0.0
+        if not self.with_box_refine:
+            suffix = "_0" if decoder.indexed_heads else ""
+            cls = class_head(self.num_classes, self.hidden_dim, self.classification, "class_embed" + suffix)
+            box = box_head(self.hidden_dim, relative, wh_bias, "bbox_embed" + suffix)
+            return [cls] * count, [box] * count
+        return ([class_head(self.num_classes, self.hidden_dim, self.classification, f"class_embed_{i}")
+                 for i in range(count)],
+                [box_head(self.hidden_dim, relative, wh_bias if i == 0 else 0.0, f"bbox_embed_{i}")
+                 for i in range(count)])
+
+    def single_scale(self, images, padding_mask):
+        """-> (backbone features [B, h, w, C], [(src [B, h, w, d], mask [B, h, w])]): the last stage
+        through a 1x1 projection (official DETR, Conditional, DAB)."""
         if self.padding == "exact":
             valid_hw = image_valid_hw(padding_mask)
             features = self.backbone(images.astype(self.dtype), valid_hw)
@@ -126,40 +205,46 @@ class DETR(nn.Module):
         else:
             features = self.backbone(images.astype(self.dtype))
             mask = downsample_mask(padding_mask, features.shape[1:3])
-        decoder = DECODERS[self.decoder]
-        half = self.hidden_dim // 2
-        if self.position_embedding == "sine":
-            pos = SinePositionEmbedding(half, decoder.position_temperature, name="position_embedding")(mask)
-        else:
-            pos = LearnedPositionEmbedding(half, name="position_embedding")(mask)
         src = dense(self.hidden_dim, features.shape[-1], self.dtype, "input_proj")(features)
-        queries = self.param(decoder.query_param, nn.initializers.normal(1.0),
-                             (self.num_queries, decoder.query_width(self.hidden_dim)))
+        return features, [(src, mask)]
 
-        b, h, w, d = src.shape
-        flat = lambda x: x.reshape(b, h * w, *x.shape[3:])
-        bbox_embed = box_head(self.hidden_dim, decoder.reference_eps is not None)
-        hs, references, memory = decoder.module(
-            num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
-            activation=self.activation, norm=self.norm, ffn_type=self.ffn_type, pre_norm=self.pre_norm,
-            dtype=self.dtype, attention_impl=self.attention, num_encoder_layers=self.num_encoder_layers,
-            num_decoder_layers=self.num_decoder_layers, remat=self.remat_transformer, name="transformer",
-        )(flat(src), flat(pos).astype(self.dtype), flat(mask), ((h, w),), queries, bbox_embed, train)
+    def multi_scale(self, images, padding_mask):
+        """-> (backbone features [C3, C4, C5], [(src [B, h, w, d], mask [B, h, w])] for C3, C4, C5
+        (strides 8, 16, 32; 1x1 conv + GroupNorm(32), ``input_proj_{l}``) and a 3x3 stride-2 conv
+        + GroupNorm of C5 (stride 64), as official Deformable DETR. With "exact" padding the
+        GroupNorm statistics are taken over each image's valid region."""
+        if not isinstance(self.backbone, ResNet) or self.backbone.num_outputs != 3:
+            raise ValueError(f"decoder {self.decoder!r} needs a named ResNet backbone giving its last three stages "
+                             "(build_model builds it); a custom backbone cannot be used")
+        exact = self.padding == "exact"
+        valid_hw = image_valid_hw(padding_mask) if exact else None
+        features = self.backbone(images.astype(self.dtype), valid_hw)
+        depth = len(self.backbone.spec.depths)
+        level_hw = [self.backbone.stage_valid_hw(valid_hw, s) for s in range(depth - 2, depth + 1)] if exact else [None] * 3
+        level_hw.append(halve(level_hw[-1]))
 
-        # the heads run in float32 whatever the compute dtype
-        logits, boxes = heads(hs.astype(jnp.float32), references, class_head(self.num_classes, self.hidden_dim,
-                              self.classification), bbox_embed, decoder.reference_eps)
-        for name, value in (("backbone_features", features), ("feature_mask", mask), ("pos", pos),
-                            ("proj_src", src), ("memory", memory.reshape(b, h, w, d)), ("hs", hs),
-                            ("references", references)):
-            if value is None:
-                continue
-            self.sow("intermediates", name, value)
-        return {
-            "pred_logits": logits[-1],
-            "pred_boxes": boxes[-1],
-            "aux_outputs": [{"pred_logits": l, "pred_boxes": x} for l, x in zip(logits[:-1], boxes[:-1])],
-        }
+        def project(x, hw, kernel, stride, level):
+            conv = nn.Conv(self.hidden_dim, (kernel, kernel), stride, padding=[(kernel // 2, kernel // 2)] * 2,
+                           dtype=self.dtype, kernel_init=xavier_uniform, bias_init=nn.initializers.zeros,
+                           name=f"input_proj_{level}_0")
+            norm = nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=self.dtype, name=f"input_proj_{level}_1")
+            y = normalize(norm, conv(x), hw)
+            mask = ~valid_region(hw, y.shape[1:3]) if exact else downsample_mask(padding_mask, y.shape[1:3])
+            return y, mask
+
+        levels = [project(x, hw, 1, 1, level) for level, (x, hw) in enumerate(zip(features, level_hw))]
+        levels.append(project(features[-1], level_hw[-1], 3, 2, len(levels)))
+        return features, levels
+
+
+def init_inputs(model_config):
+    """(image [1, S, S, 3], padding_mask [1, S, S]) of zeros to initialise the model (its variables do
+    not depend on the size): S = 64, or for a two-stage model the smallest multiple of 64 whose
+    feature levels (strides 8 to 64) hold at least num_queries proposals."""
+    side = 64
+    while model_config.two_stage and sum((-(-side // s)) ** 2 for s in (8, 16, 32, 64)) < model_config.num_queries:
+        side += 64
+    return jnp.zeros((1, side, side, 3)), jnp.zeros((1, side, side), bool)
 
 
 def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
@@ -182,7 +267,8 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
                              "or 'custom' (with build_model(..., backbone=module))")
         conv_impl = resolve_conv_impl(cfg.conv_impl, BACKBONES[cfg.backbone].block)
         backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, norm=cfg.backbone_norm, dtype=dtype,
-                          remat=cfg.remat in ("backbone", "all"), conv_impl=conv_impl)
+                          remat=cfg.remat in ("backbone", "all"), conv_impl=conv_impl,
+                          num_outputs=3 if DECODERS[cfg.decoder].multi_scale else 1)
     check_padding(cfg.padding, backbone)
     return DETR(
         backbone=backbone, num_classes=cfg.num_classes, classification=cfg.classification, decoder=cfg.decoder,
@@ -192,6 +278,7 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         activation=cfg.activation, norm=cfg.norm, ffn_type=cfg.ffn_type, pre_norm=cfg.pre_norm,
         position_embedding=cfg.position_embedding, dtype=dtype, attention=cfg.attention,
         remat_transformer=cfg.remat in ("transformer", "all"), padding=cfg.padding,
+        with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage, msda_impl=cfg.msda_impl,
     )
 
 

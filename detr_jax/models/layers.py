@@ -86,13 +86,15 @@ class MLP(nn.Module):
     """The official ``MLP``: ``num_layers`` linear layers (``layers_i``), relu between them:
     [..., d_in] -> [..., out_dim]. Kernels Xavier-uniform inside the transformer (its
     ``_reset_parameters``), torch's default elsewhere; biases torch's default; ``zero_last`` zeroes
-    the last layer (the box head of models that predict boxes relative to a reference)."""
+    the last layer (the box head of models that predict boxes relative to a reference), its bias
+    then ``last_bias`` (Deformable DETR's box head: (0, 0, -2, -2)) where given."""
     hidden_dim: int
     out_dim: int
     num_layers: int
     dtype: jnp.dtype = jnp.float32
     kernel_init: Callable = xavier_uniform
     zero_last: bool = False
+    last_bias: tuple[float, ...] | None = None
 
     @nn.compact
     def __call__(self, x):
@@ -100,8 +102,10 @@ class MLP(nn.Module):
             last = i == self.num_layers - 1
             out = self.out_dim if last else self.hidden_dim
             if last and self.zero_last:
-                layer = nn.Dense(out, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                                 bias_init=nn.initializers.zeros, name=f"layers_{i}")
+                bias = (nn.initializers.zeros if self.last_bias is None
+                        else lambda *_: jnp.asarray(self.last_bias, jnp.float32))
+                layer = nn.Dense(out, dtype=self.dtype, kernel_init=nn.initializers.zeros, bias_init=bias,
+                                 name=f"layers_{i}")
             else:
                 layer = dense(out, x.shape[-1], self.dtype, f"layers_{i}", self.kernel_init)
             x = layer(x)

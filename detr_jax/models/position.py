@@ -30,14 +30,15 @@ class SinePositionEmbedding(nn.Module):
     num_pos_feats: int
     temperature: float = 10000.0
     scale: float = 2 * math.pi
+    offset: float = 0.0  # subtracted from the counts before normalising (Deformable DETR: 0.5)
 
     def __call__(self, mask):
         not_mask = (~mask).astype(jnp.float32)
         y_embed = jnp.cumsum(not_mask, axis=1)
         x_embed = jnp.cumsum(not_mask, axis=2)
         eps = 1e-6
-        y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
-        x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
+        y_embed = (y_embed - self.offset) / (y_embed[:, -1:, :] + eps) * self.scale
+        x_embed = (x_embed - self.offset) / (x_embed[:, :, -1:] + eps) * self.scale
         n = self.num_pos_feats
         dim_t = np.float32(self.temperature) ** (2 * (np.arange(n, dtype=np.float32) // 2) / np.float32(n))
 

@@ -158,20 +158,27 @@ class ResNet(nn.Module):
     """(images [B, H, W, 3], valid_hw [B, 2] int (h, w) of each image, or None) -> last-stage
     features [B, ceil(H/32), ceil(W/32), C] (H/16 with DC5). With valid_hw, "exact" padding (module
     docstring): the features are zero beyond ``output_valid_hw(valid_hw)``; None: "official", the
-    whole canvas is convolved."""
+    whole canvas is convolved. ``num_outputs`` > 1: the list of the last ``num_outputs`` stages'
+    features, shallowest first (Deformable DETR's C3, C4, C5 at strides 8, 16, 32)."""
     spec: Spec
     dilation: bool = False
     norm: str = "frozen_bn"
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
     conv_impl: str = "xla"  # detr_jax.models.conv.conv2d's impl ("xla" or "gemm")
+    num_outputs: int = 1
 
-    def output_valid_hw(self, valid_hw):
-        """Valid size [B, 2] of the last stage's features for images of valid size valid_hw [B, 2]:
-        ceil(n / 2) for the stem conv, the max pool and each strided stage (4 or, with DC5, 3)."""
-        for _ in range(2 + len(self.spec.depths) - 1 - int(self.dilation)):
+    def stage_valid_hw(self, valid_hw, stage: int):
+        """Valid size [B, 2] of stage ``stage``'s (1-based) features for images of valid size
+        valid_hw [B, 2]: ceil(n / 2) for the stem conv, the max pool and each strided stage."""
+        strided = stage - 1 - int(self.dilation and stage == len(self.spec.depths))
+        for _ in range(2 + strided):
             valid_hw = halve(valid_hw)
         return valid_hw
+
+    def output_valid_hw(self, valid_hw):
+        """Valid size [B, 2] of the last stage's features (``stage_valid_hw``)."""
+        return self.stage_valid_hw(valid_hw, len(self.spec.depths))
 
     @nn.compact
     def __call__(self, x, valid_hw=None):
@@ -187,7 +194,7 @@ class ResNet(nn.Module):
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         valid_hw = halve(valid_hw)
         x = zero_beyond(x, valid_hw)
-        in_ch, cur_dilation = width, 1
+        in_ch, cur_dilation, outputs = width, 1, []
         for stage, depth in enumerate(depths, start=1):
             stage_width = width * 2 ** (stage - 1)
             out_ch = stage_width * (4 if kind == "bottleneck" else 1)
@@ -203,4 +210,5 @@ class ResNet(nn.Module):
                                     norm=self.norm, dtype=self.dtype, conv_impl=self.conv_impl,
                                     name=f"layer{stage}_{i}")(x, valid_hw)
                 in_ch = out_ch
-        return x
+            outputs.append(x)
+        return x if self.num_outputs == 1 else outputs[-self.num_outputs:]

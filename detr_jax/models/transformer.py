@@ -95,10 +95,10 @@ class DETRTransformer(EncoderDecoder):
     both decoder attentions; boxes predicted absolute (no reference points)."""
 
     @nn.compact
-    def __call__(self, src, pos, mask, spatial_shapes, queries, box_head, train: bool):
+    def __call__(self, src, pos, mask, spatial_shapes, queries, class_heads, box_heads, train: bool):
         """The decoder contract (``detr_jax.models.decoders``); queries [Q, d] (``query_embed``).
-        -> (hs [L, B, Q, d] after the final decoder norm, None, memory [B, N, d])."""
-        del spatial_shapes, box_head  # one level, read as a sequence; boxes not refined layer by layer
+        -> (hs [L, B, Q, d] after the final decoder norm, None, memory [B, N, d], None)."""
+        del spatial_shapes, class_heads, box_heads  # one level, read as a sequence; boxes not refined
         memory = self.encode(src, pos, mask, train)
         query_pos = jnp.broadcast_to(queries.astype(self.dtype), (src.shape[0], *queries.shape))
         decoder_layer = self.layer(DecoderLayer, (6,))
@@ -107,4 +107,4 @@ class DETRTransformer(EncoderDecoder):
         for i in range(self.num_decoder_layers):
             tgt = decoder_layer(**self.block(), name=f"decoder_layers_{i}")(tgt, memory, pos, query_pos, mask, train)
             hs.append(decoder_norm(tgt))
-        return jnp.stack(hs), None, memory
+        return jnp.stack(hs), None, memory, None
