@@ -5,7 +5,11 @@ CPU configs (configs/synthetic.py:conditional, :dab):
 - detr: official DETR (softmax classification, class cost 1, CE weight 1);
 - conditional (Atten4Vis/ConditionalDETR): sigmoid focal classification, class cost 2, CE weight 2;
 - dab (IDEA-Research/DAB-DETR): sigmoid focal classification, class cost 2, CE weight 1, GIoU with
-  1e-6 added to its denominators, PReLU activation, no dropout.
+  1e-6 added to its denominators, PReLU activation, no dropout;
+- deformable, deformable_refine, deformable_two_stage (fundamentalvision/Deformable-DETR: plain,
+  ``--with_box_refine``, ``--with_box_refine --two_stage``): multi-scale deformable attention,
+  sigmoid focal classification, class cost 2, CE weight 2, sampling offsets and reference points
+  at 0.1 x lr.
 """
 RECIPES = {
     "detr": dict(model=dict(decoder="detr", classification="softmax"), loss=dict()),
@@ -14,6 +18,21 @@ RECIPES = {
     "dab": dict(model=dict(decoder="dab", classification="sigmoid_focal", activation="prelu", dropout=0.0),
                 loss=dict(cost_class=2.0, ce_weight=1.0, giou_eps=1e-6)),
 }
+for _name, _options in (("deformable", {}), ("deformable_refine", dict(with_box_refine=True)),
+                        ("deformable_two_stage", dict(with_box_refine=True, two_stage=True))):
+    RECIPES[_name] = dict(model=dict(dict(decoder="deformable", classification="sigmoid_focal", with_box_refine=False,
+                                          two_stage=False), **_options),
+                          loss=dict(cost_class=2.0, ce_weight=2.0), optim=dict(lr_linear_proj_mult=0.1))
+
+
+def recipe_of(arg: str) -> tuple[str, str]:
+    """"DECODER_REST" -> (DECODER, REST) for the longest DECODER in RECIPES that ``arg`` starts with
+    (("detr", arg) if none): "deformable_refine_tiny" -> ("deformable_refine", "tiny")."""
+    names = [name for name in RECIPES if arg == name or arg.startswith(name + "_")]
+    if not names:
+        return "detr", arg
+    name = max(names, key=len)
+    return name, arg[len(name) + 1:]
 
 
 def coco_config(arg: str, decoder: str, schedules: dict, topk: int, file: str):
@@ -36,6 +55,6 @@ def apply_recipe(config, decoder: str):
     """config with ``decoder``'s model and loss settings (RECIPES) applied, in place; returns it."""
     if decoder not in RECIPES:
         raise ValueError(f"unknown decoder {decoder!r}; expected one of {', '.join(RECIPES)}")
-    config.model.update(RECIPES[decoder]["model"])
-    config.loss.update(RECIPES[decoder]["loss"])
+    for section, fields in RECIPES[decoder].items():
+        config[section].update(fields)
     return config

@@ -17,7 +17,7 @@ DAB-DETR's decoder and loss settings (configs/decoders.py), e.g. ``synthetic.py:
 """
 import ml_collections
 
-from configs.decoders import RECIPES, apply_recipe
+from configs.decoders import RECIPES, apply_recipe, recipe_of
 from detr_jax.config import (data_config, eval_config, init_config, loss_config, model_config, optim_config,
                               train_config)
 
@@ -30,8 +30,7 @@ SMALL_SIZES = dict(train_scales=(128, 144, 160, 176, 192), train_max_size=256, c
 
 def parse_variant(arg: str) -> tuple[str, str]:
     """'dab_tiny' -> ('dab', 'tiny'); 'conditional' -> ('conditional', 'demo'); '' -> ('detr', 'demo')."""
-    arg = arg or "demo"
-    decoder, _, variant = arg.partition("_") if arg.partition("_")[0] in RECIPES else ("detr", "", arg)
+    decoder, variant = recipe_of(arg or "demo")
     variant = variant or "demo"
     if variant not in VARIANTS:
         raise ValueError(f"configs/synthetic.py: unknown variant {arg!r}; expected [DECODER_]VARIANT with DECODER "

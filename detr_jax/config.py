@@ -230,6 +230,8 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
 
     Fields:
       lr, lr_backbone: peak learning rates of the transformer/heads and of the trained backbone.
+      lr_linear_proj_mult: Deformable DETR's sampling offsets and reference points train at lr times
+        this (official 0.1; 1.0: no separate rate).
       weight_decay: AdamW decoupled weight decay; b1, b2, eps: Adam constants.
       clip_norm: clip gradients by global norm (0 = no clipping).
       schedule: "step" (x lr_drop_factor at each epoch in lr_drop_epochs), "warmup_cosine"
@@ -240,6 +242,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         lr=1e-4,
         lr_backbone=1e-5,
+        lr_linear_proj_mult=1.0,
         weight_decay=1e-4,
         b1=0.9,
         b2=0.999,

@@ -23,6 +23,7 @@ import optax
 
 from detr_jax.metrics import MetricsWriter, Throughput, format_duration, mean_metrics
 from detr_jax.models.position import downsample_mask
+from detr_jax.models.resnet import ResNet
 
 BACKGROUND_WEIGHT = 0.3
 
@@ -100,13 +101,15 @@ def pretrain_backbone(config, model, variables, source, workdir, log=print):
     num_classes = config.model.num_classes
     head = nn.Dense(num_classes + 1, name="dense_head")
     buffers = _buffers(variables)
-    width = jax.eval_shape(lambda p: model.backbone.apply({"params": p, **buffers}, jnp.zeros((1, 64, 64, 3))),
+    # the last stage only (a multi-scale model's backbone also returns C3, C4: the same parameters)
+    backbone = model.backbone.clone(num_outputs=1) if isinstance(model.backbone, ResNet) else model.backbone
+    width = jax.eval_shape(lambda p: backbone.apply({"params": p, **buffers}, jnp.zeros((1, 64, 64, 3))),
                            variables["params"]["backbone"]).shape[-1]
     params = {"backbone": variables["params"]["backbone"],
               "head": head.init(jax.random.PRNGKey(config.train.seed + 1), jnp.zeros((1, width)))["params"]}
     tx = optax.adamw(init.pretrain_lr, weight_decay=config.optim.weight_decay)
     opt_state = tx.init(params)
-    step_fn = make_pretrain_step(model.backbone, head, tx, buffers, num_classes)
+    step_fn = make_pretrain_step(backbone, head, tx, buffers, num_classes)
     batch_size = config.train.batch_size
     batches = data.train_batches(config.data, batch_size, seed=config.train.seed + 1, source=source)
     keys = ("image", "padding_mask", "boxes", "labels", "box_valid", "size")

@@ -75,7 +75,7 @@ FIELDS = {
         num_parallel_calls=(lambda v: v == -1 or integer(1)[0](v), "-1 (autotune) or an integer >= 1"),
         prefetch=COUNT),
     "optim": dict(
-        lr=number(0, low_open=True), lr_backbone=WEIGHT, weight_decay=WEIGHT, b1=number(0, 1, high_open=True),
+        lr=number(0, low_open=True), lr_backbone=WEIGHT, lr_linear_proj_mult=WEIGHT, weight_decay=WEIGHT, b1=number(0, 1, high_open=True),
         b2=number(0, 1, high_open=True), eps=number(0, low_open=True), clip_norm=WEIGHT,
         schedule=one_of(*SCHEDULES), lr_drop_epochs=(lambda v: isinstance(v, (tuple, list)), "a sequence of epochs"),
         lr_drop_factor=number(0, 1, low_open=True), warmup_epochs=WEIGHT, end_lr_factor=PROBABILITY,

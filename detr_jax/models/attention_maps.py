@@ -34,7 +34,10 @@ def attention_maps(sown: dict, queries) -> dict:
     """
     layers = sown["attention"]["transformer"]
     decoder_layer = _last_layer(layers, "decoder_layers_")
-    cross_name = next(name for name in CROSS_ATTENTIONS if name in decoder_layer)
+    cross_name = next((name for name in CROSS_ATTENTIONS if "weights" in decoder_layer.get(name, {})), None)
+    if cross_name is None:
+        raise ValueError("this model's decoder has no dense cross-attention map (Deformable DETR samples a few "
+                         "points per query and level): attention maps are not available for it")
     cross = decoder_layer[cross_name]["weights"][0].astype(jnp.float32).mean(1)
     encoder = _last_layer(layers, "encoder_layers_")["self_attn"]["weights"][0].astype(jnp.float32).mean(1)
     return {"decoder_attention": jnp.take_along_axis(cross, queries[..., None].astype(jnp.int32), axis=1),

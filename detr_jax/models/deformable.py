@@ -284,7 +284,7 @@ class DeformableTransformer(EncoderDecoder):
         layer_args = dict(**self.block(), num_levels=self.num_levels, num_points=self.num_points,
                           msda_impl=self.msda_impl)
 
-        encoder_layer = self.layer(DeformableEncoderLayer, (6,))
+        encoder_layer = self.layer(DeformableEncoderLayer, (5, 6))  # spatial_shapes, train
         memory, reference = src, encoder_reference_points(spatial_shapes, ratios)
         for i in range(self.num_encoder_layers):
             memory = encoder_layer(**layer_args, name=f"encoder_layers_{i}")(
@@ -299,7 +299,7 @@ class DeformableTransformer(EncoderDecoder):
             reference = jax.nn.sigmoid(nn.Dense(2, kernel_init=xavier_uniform, bias_init=nn.initializers.zeros,
                                                 name="reference_points")(query_pos.astype(jnp.float32)))
 
-        decoder_layer = self.layer(DeformableDecoderLayer, (7,))
+        decoder_layer = self.layer(DeformableDecoderLayer, (6, 7))  # spatial_shapes, train
         hs, references = [], []
         for i in range(self.num_decoder_layers):
             scale = jnp.tile(ratios, (1, 1, reference.shape[-1] // 2))  # [B, L, R]

@@ -21,7 +21,8 @@ from PIL import Image
 from detr_jax.data.records import make_info
 from detr_jax.data.tfds_coco import COCO_CATEGORIES
 from detr_jax.visualize import attention, draw
-from detr_jax.errors import ConfigError
+from detr_jax.errors import ConfigError, UsageError
+from detr_jax.models.decoders import DECODERS
 
 COCO_NUM_CLASSES = 91  # official DETR's COCO models: class index = COCO category id (1..90)
 
@@ -124,12 +125,16 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
     from detr_jax.evaluation.inference import host_batch_size, predictor, run_batches
     from detr_jax.parallel import local_mesh
 
+    with_attention = decoder_attention or bool(encoder_pixels)
+    if with_attention and DECODERS[model.decoder].multi_scale:
+        raise UsageError(f"attention maps need dense attention; the {model.decoder!r} decoder samples a few points "
+                         "per query and level (multi-scale deformable attention): drop --decoder_attention and "
+                         "--encoder_pixels")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = load_image_files(paths, data_config)
     records = source.records
     files = {int(i): (str(p), n) for i, p, n in zip(records.image_id, records.path, output_names(records.path))}
-    with_attention = decoder_attention or bool(encoder_pixels)
     predict = predictor(model, topk, with_attention, padding=padding)
     batches = eval_batches(data_config, host_batch_size(batch_size, 1, jax.local_device_count()), process_index=0,
                            process_count=1, source=source)
