@@ -43,7 +43,7 @@ argmax classes, matching margins well above the float32 noise):
   ``attention_weights.weight`` U(-1, 1) * ATTENTION_WEIGHT_GAIN (1) / sqrt(256) (official: 0, uniform
   weights);
 - plain: ``transformer.reference_points.weight`` Xavier x REFERENCE_GAIN (0.6): the reference points
-  sigmoid(W query_pos + b) then stay inside about (0.1, 0.9);
+  sigmoid(W query_pos + b) then stay inside about (0.05, 0.95);
 - heads: ``class_embed.weight`` U(-1, 1) * CLASS_GAIN (3) / sqrt(256), bias U(-1/16, 1/16) + CLASS_BIAS
   (-log(99) = -4.595, the official focal-loss prior; the shared reference's gain 4 gives scores up to
   0.993..0.999 with this backbone); ``bbox_embed`` layers 0 and 1 torch default
@@ -52,9 +52,9 @@ argmax classes, matching margins well above the float32 noise):
   0.3, 0.3) for two-stage (whose proposals already carry w, h; the official init sets 0).
 
 The other gains are those of the project's shared Deformable DETR reference (measured there on the
-official model). With seed 2027 on the dumps' batch (make_deformable_ref.py prints these; with seeds 2024,
-2029..2031, 2034..2038 the two-stage proposal head ranks the padded tokens, which all share one logit,
-among the 300 proposals, and 2025's backbone differs by one ulp between numpy 1.26 and 2.4):
+official model). With seed 2027 on the dumps' batch (make_deformable_ref.py prints these; with 2024 and
+about half of the seeds 2025..2045 the two-stage proposal head ranks image 1's padded tokens, which all share
+one logit, among the 300 proposals, and 2025's backbone differs by one ulp between numpy 1.26 and 2.4):
 float32 vs float64 logits 1.0e-5 / 1.4e-5 (plain / refine + two-stage), boxes 2.4e-7 / 8.6e-7; scores up
 to 0.982 / 0.877; boxes in [0.052, 0.937] / [0.010, 0.991]; 14 / 6 argmax classes in the final layer (64 /
 5 in layer 0); matching margins >= 0.067 / 0.034; the 300th proposal 2.5 above the padded tokens.
