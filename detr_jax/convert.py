@@ -1,4 +1,4 @@
-"""Official PyTorch DETR (and Conditional DETR, DAB-DETR) and torchvision ResNet weights <-> detr-jax
+"""Official PyTorch DETR (and Conditional DETR, DAB-DETR, Deformable DETR) and torchvision ResNet weights <-> detr-jax
 Flax variables.
 
 The mapping is derived from the Flax model itself: every Flax leaf names the official key it comes
@@ -199,7 +199,8 @@ def check_source(source: str, model_config) -> None:
             f"--source={source} checkpoints are models with decoder {decoder!r} and classification "
             f"{classification!r}, but config.model has decoder={model_config.decoder!r} and classification="
             f"{model_config.classification!r}: pass the config of that model (configs/detr_coco.py:r50, "
-            "configs/conditional_coco.py:r50 or configs/dab_coco.py:r50) or set those two fields")
+            "configs/conditional_coco.py:r50, configs/dab_coco.py:r50 or configs/deformable_coco.py:KIND) or set "
+            "those two fields")
 
 
 def without_aliases(state_dict, model_config) -> dict:
@@ -354,10 +355,16 @@ def assumed_architecture(model) -> str:
             f"{model.backbone}{' DC5 (dilated last stage)' if model.dilation else ''}, "
             f"{model.num_encoder_layers} + {model.num_decoder_layers} layers, "
             f"{'pre' if model.pre_norm else 'post'}-norm, "
-            f"{model.decoder} decoder, {model.classification} classification, "
+            f"{model.decoder} decoder{deformable_options(model)}, {model.classification} classification, "
             f"{model.num_queries} queries, {model.num_classes} classes. Official DC5 files have the keys and shapes "
             f"of their non-DC5 twins: if the file is detr-r50-dc5-*.pth or detr-r101-dc5-*.pth, the --config "
             f"variant must be r50_dc5 or r101_dc5.")
+
+
+def deformable_options(model) -> str:
+    """" (box refinement, two-stage)" for a Deformable DETR with those options, else ""."""
+    options = [name for name, on in (("box refinement", model.with_box_refine), ("two-stage", model.two_stage)) if on]
+    return f" ({', '.join(options)})" if options else ""
 
 
 def _define_flags() -> None:
@@ -370,10 +377,11 @@ def _define_flags() -> None:
                         "or a torchvision ResNet .pth with --source=torchvision.", required=True)
     flags.DEFINE_string("output", None, "Directory to write (must not exist).", required=True)
     flags.DEFINE_enum("source", "official", [*SOURCES, "torchvision"],
-                      "official: a whole facebookresearch/detr model; conditional_detr, dab_detr: a whole "
-                      "Atten4Vis/ConditionalDETR or IDEA-Research/DAB-DETR model (with the config of that model, "
-                      "configs/conditional_coco.py or configs/dab_coco.py); torchvision: ImageNet ResNet weights "
-                      "for the backbone only.")
+                      "official: a whole facebookresearch/detr model; conditional_detr, dab_detr, deformable_detr: "
+                      "a whole Atten4Vis/ConditionalDETR, IDEA-Research/DAB-DETR or fundamentalvision/Deformable-DETR "
+                      "model (with the config of that model: configs/conditional_coco.py, configs/dab_coco.py, "
+                      "configs/deformable_coco.py:deformable|refine|two_stage); torchvision: ImageNet ResNet "
+                      "weights for the backbone only.")
     flags.DEFINE_bool("drop_class_head", False, "Initialise a new class head for config.model.num_classes "
                       "instead of loading the checkpoint's (fine-tuning on other classes).")
     flags.DEFINE_integer("seed", 0, "Seed for the parts initialised fresh.")

@@ -3,6 +3,9 @@ official ``grid_sample`` sampling, float64 finite differences, padding), both sa
 the official Deformable DETR (plain, and box refinement + two-stage) against tests/data dumps of the
 official PyTorch model, and the model's invariances."""
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +13,19 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from conftest import tiny_config
-from detr_jax import build_model
+from conftest import REPO, reference_targets, tiny_config
+from detr_jax import build_model, checkpoint, convert
 from detr_jax.config import loss_config, model_config
+from detr_jax.evaluation.postprocess import postprocess
 from detr_jax.losses import compute_loss
+from detr_jax.matching import index_pairs, match
 from detr_jax.models.deformable import MSDA, MSDeformAttn, level_starts
 from detr_jax.models.detr import init_inputs
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+sys.path.insert(0, os.path.dirname(__file__))
+import deformable_layout  # noqa: E402
+import official_layout  # noqa: E402
 
 SHAPES = ((6, 7), (3, 4), (2, 2), (1, 1))  # h x w of 4 levels
 HEADS, POINTS, HEAD_DIM = 2, 3, 4
@@ -200,3 +210,164 @@ def test_remat_and_bfloat16_switches():
     np.testing.assert_allclose(loss, ref_loss, rtol=0.02)
     a, b = flat(grads), flat(ref_grads)
     assert 0.99 < a @ b / np.linalg.norm(a) / np.linalg.norm(b) < 1 - 1e-6  # close, and not float32's
+
+
+# the official models of tests/data (tests/data/make_deformable_ref.py): file -> config.model options
+OFFICIAL = {"deformable_r50.npz": {}, "deformable_r50_refine_twostage.npz": dict(with_box_refine=True, two_stage=True)}
+
+
+def nhwc(x):
+    return jnp.asarray(np.asarray(x).transpose(0, 2, 3, 1))
+
+
+@pytest.fixture(scope="module", params=sorted(OFFICIAL))
+def official(request):
+    """(reference npz, config.model, variables, outputs, sown intermediates, order, (model, images,
+    masks)) of the official model on its dump's inputs (padded-batch computation, no dropout).
+    order[i][k]: our query that holds the official query k of image i (two-stage: proposals that
+    are tied to float32 noise may be ranked either way; else the identity)."""
+    options = OFFICIAL[request.param]
+    ref = official_layout.load_npz(os.path.join(DATA, request.param))
+    state_dict = deformable_layout.make_state_dict(int(ref["weights_seed"]), **options)
+    assert official_layout.weights_sha256(state_dict) == str(ref["weights_sha256"])
+    images, masks = official_layout.noise_batch(int(ref["image_seed"]), ref["image_sizes"])
+    assert official_layout.array_sha256(images) == str(ref["images_sha256"])
+    cfg = model_config(decoder="deformable", classification="sigmoid_focal", num_queries=300, ffn_dim=1024,
+                       dropout=0.0, padding="official", **options)
+    variables = convert.from_official_state_dict(state_dict, cfg)
+    model = build_model(cfg)
+    outputs, sown = jax.jit(lambda v, i, m: model.apply(v, i, m, mutable=["intermediates"]))(
+        variables, nhwc(images), jnp.asarray(masks))
+    sown = sown["intermediates"]
+    order = np.tile(np.arange(300), (2, 1))
+    if cfg.two_stage:
+        ours = np.asarray(sown["transformer"]["topk_proposals"][0])
+        assert set(map(tuple, np.sort(ours, 1))) == set(map(tuple, np.sort(ref["enc_topk_proposals"], 1)))
+        order = np.stack([[list(ours[i]).index(t) for t in ref["enc_topk_proposals"][i]] for i in range(2)])
+    return ref, cfg, variables, outputs, sown, order, (model, images, masks)
+
+
+def aligned(x, order):
+    """x [..., B, Q, ...] with our queries in the official order."""
+    return np.stack([np.asarray(x)[..., i, order[i], :] for i in range(order.shape[0])], axis=-3)
+
+
+def test_every_layer_and_the_proposals_match_the_official_model(official):
+    """Logits and boxes of every decoder layer within 4x the official float32-vs-float64 gap of the
+    float64 run; the encoder's proposals (two-stage: their scores at every cell, class logits at
+    a subset, boxes) within 4x theirs; valid ratios, reference points and the first decoder
+    layer's sampling locations and weights as official."""
+    ref, cfg, _, outputs, sown, order, _ = official
+    for key in ("pred_logits", "pred_boxes"):
+        ours = aligned(np.stack([o[key] for o in outputs["aux_outputs"]] + [outputs[key]]), order)
+        f64 = np.concatenate([ref[f"aux_{key}_f64"], ref[f"{key}_f64"][None]])
+        gap = max(ref[f"yardstick/{key}"], ref[f"yardstick/aux_{key}"])
+        assert np.abs(ours - f64).max() <= 4 * gap, (key, np.abs(ours - f64).max(), gap)
+    references = sown["references"][0]
+    np.testing.assert_allclose(aligned(references[0], order), ref["init_reference"], rtol=0, atol=2e-6)
+    for layer in range(1, 6):  # inter_references[l - 1]: what layer l starts from
+        np.testing.assert_allclose(aligned(references[layer], order), ref["inter_references"][layer - 1],
+                                   rtol=0, atol=2e-6)
+    queries = ref["dec0_queries"]
+    cross = sown["transformer"]["decoder_layers_0"]["cross_attn"]
+    for name, key in (("sampling_locations", "dec0_sampling_locations"), ("sampling_weights", "dec0_attention_weights")):
+        ours = np.stack([np.asarray(cross[name][0])[i, order[i][queries]] for i in range(2)])
+        np.testing.assert_allclose(ours, ref[key], rtol=0, atol=2e-5)
+    if cfg.two_stage:
+        proposals = outputs["enc_outputs"]
+        gap = ref["yardstick/enc_pred_logits"]
+        np.testing.assert_allclose(proposals["pred_logits"][..., 0], ref["enc_pred_logits0"], rtol=0, atol=4 * gap)
+        np.testing.assert_allclose(np.asarray(proposals["pred_logits"])[:, ref["memory_token_index"]],
+                                   ref["enc_pred_logits"], rtol=0, atol=4 * gap)
+        np.testing.assert_allclose(proposals["pred_boxes"], ref["enc_pred_boxes"], rtol=0,
+                                   atol=4 * ref["yardstick/enc_pred_boxes"])
+    else:
+        assert "enc_outputs" not in outputs
+
+
+def test_matcher_losses_and_postprocess_match_the_official_code(official):
+    ref, cfg, _, outputs, _, order, _ = official
+    targets = reference_targets(ref)
+    loss_cfg = loss_config(cost_class=2.0, ce_weight=2.0)
+    matched = np.asarray(match(outputs, targets, loss_cfg, cfg.classification))
+    official_query = np.argsort(order, axis=1)  # our query -> the official query it is
+    for layer in range(6):
+        for i, (src, tgt) in enumerate(index_pairs(matched[layer])):
+            src = official_query[i][src]
+            np.testing.assert_array_equal(np.sort(src), ref[f"match/L{layer}/img{i}_src"], err_msg=f"L{layer} img{i}")
+            np.testing.assert_array_equal(tgt[np.argsort(src)], ref[f"match/L{layer}/img{i}_tgt"])
+    if cfg.two_stage:  # the proposals against the targets, every label 0
+        binary = {**targets, "labels": np.zeros_like(targets["labels"])}
+        for i, (src, tgt) in enumerate(index_pairs(match(outputs["enc_outputs"], binary, loss_cfg,
+                                                         cfg.classification)[0])):
+            np.testing.assert_array_equal(src, ref[f"match/Lenc/img{i}_src"])
+            np.testing.assert_array_equal(tgt, ref[f"match/Lenc/img{i}_tgt"])
+    total, terms = compute_loss(outputs, targets, loss_cfg, cfg.classification)
+    official_terms = {k[len("loss/"):]: float(v) for k, v in ref.items() if k.startswith("loss/")}
+    assert set(terms) == set(official_terms)
+    for name, value in official_terms.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert float(total) == pytest.approx(float(ref["loss_total"]), rel=1e-5)
+
+    post = postprocess(outputs["pred_logits"], outputs["pred_boxes"], jnp.asarray(ref["image_sizes"]),
+                       cfg.classification, topk=100)
+    for i in range(2):  # near-tied scores may swap places: compare as sets keyed by (query, label)
+        ours = {(int(official_query[i][q]), int(c)): (float(s), np.asarray(b)) for q, c, s, b in
+                zip(post["queries"][i], post["labels"][i], post["scores"][i], post["boxes"][i])}
+        theirs = {(int(q), int(c)): (float(s), b) for q, c, s, b in
+                  zip(ref["post_query_index"][i], ref["post_labels"][i], ref["post_scores"][i], ref["post_boxes"][i])}
+        assert ours.keys() == theirs.keys()
+        for key, (score, box) in theirs.items():
+            assert ours[key][0] == pytest.approx(score, abs=1e-5)
+            np.testing.assert_allclose(ours[key][1], box, rtol=0, atol=1e-3)  # pixels
+
+
+def test_loss_gradients_match_the_official_model(official):
+    ref, cfg, variables, _, _, _, (model, images, masks) = official
+    targets = reference_targets(ref)
+    loss_cfg = loss_config(cost_class=2.0, ce_weight=2.0)
+
+    def loss(params):
+        outputs = model.apply({**variables, "params": params}, nhwc(images), jnp.asarray(masks))
+        return compute_loss(outputs, targets, loss_cfg, cfg.classification)[0]
+
+    grads = jax.jit(jax.grad(loss))(variables["params"])
+    ours = convert.to_official_state_dict({**variables, "params": grads}, cfg)
+    keys = [k[len("grad/"):] for k in ref if k.startswith("grad/")]
+    assert len(keys) >= 8
+    for key in keys:
+        expected = ref[f"grad/{key}"]
+        got = ours[key][:len(expected)]
+        atol = max(1e-3 * np.abs(expected).max(), 4 * float(ref[f"grad_gap/{key}"]), 1e-6)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=atol, err_msg=key)
+
+
+def test_convert_round_trips_the_official_layout_and_refuses_a_broken_alias(official, tmp_path):
+    """official state_dict -> variables -> state_dict is the identity (shared heads and the
+    decoder's references to them under every key); the command line converts the two-stage file
+    with --source=deformable_detr; an alias that differs from the module it repeats is refused."""
+    ref, cfg, variables, _, _, _, _ = official
+    options = OFFICIAL["deformable_r50_refine_twostage.npz" if cfg.two_stage else "deformable_r50.npz"]
+    state_dict = deformable_layout.make_state_dict(int(ref["weights_seed"]), **options)
+    back = convert.to_official_state_dict(variables, cfg)
+    assert set(back) == set(state_dict)
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    alias = "transformer.decoder.class_embed.3.bias" if cfg.two_stage else "class_embed.3.bias"
+    state_dict[alias] = state_dict[alias] + 1
+    with pytest.raises(convert.CheckpointMismatchError, match=f"{alias} should repeat"):
+        convert.from_official_state_dict(state_dict, cfg)
+    if not cfg.two_stage:
+        return
+    state_dict[alias] = state_dict[alias] - 1
+    np.savez(tmp_path / "official.npz", **state_dict)
+    result = subprocess.run([sys.executable, "-m", "detr_jax.convert", "--config=configs/deformable_coco.py:two_stage",
+                             "--source=deformable_detr", f"--input={tmp_path / 'official.npz'}",
+                             f"--output={tmp_path / 'converted'}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deformable decoder (box refinement, two-stage), sigmoid_focal classification" in result.stdout
+    saved, saved_config = checkpoint.load_variables(tmp_path / "converted")
+    assert (saved_config.decoder, saved_config.with_box_refine, saved_config.two_stage) == ("deformable", True, True)
+    for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
