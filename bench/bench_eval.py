@@ -53,7 +53,7 @@ def main(argv=None):
                            synthetic_num_val=args.num_val)
         source = load_dataset(config.data, "val")
         model = build_model(config.model)
-        variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+        variables = common.init_variables(model, config.model)
         env = common.environment()
         print(f"{common.environment_line(env)}; {source.info.num_images} val images; "
               f"config {args.config}{':' + args.variant if args.variant else ''}")

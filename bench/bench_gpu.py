@@ -54,8 +54,9 @@ def recipe_config(dtype: str, attention: str, dry_run: bool):
 
 def inference_row(dtype: str, attention: str, sizes: dict, dry_run: bool) -> dict:
     """Batch-1 forward pass: compile seconds, ms per image, GFLOP/s."""
-    model = bench_train.build_model(recipe_config(dtype, attention, dry_run).model)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+    config = recipe_config(dtype, attention, dry_run)
+    model = bench_train.build_model(config.model)
+    variables = common.init_variables(model, config.model)
     result = bench_inference.measure(model, variables, 1, common.parse_size(sizes["inference_size"]),
                                      sizes["inference_repeats"])
     return {"dtype": dtype, "attention": attention, "compile_s": result["compile_s"], "ms": result["ms_per_image"],

@@ -13,7 +13,7 @@ GPU/TPU also the allocator's peak so far in the process, so rows are best run fr
   python bench/bench_inference.py --models r50 --sizes 800x1066 --batches 1 --dtypes float32 \\
       --attention xla --padding exact official   # the cost of config.model.padding = "exact"
   python bench/bench_inference.py --models r50 --sizes 800x1066 --batches 1 --dtypes float32 \
-      --attention xla --decoders detr conditional dab   # each decoder with its paper's COCO recipe
+      --attention xla --decoders detr conditional dab deformable   # each decoder with its paper's COCO recipe
 """
 import argparse
 import itertools
@@ -70,7 +70,7 @@ def main(argv=None):
 
     env = common.environment()
     print(common.environment_line(env))
-    table = common.Table([("decoder", "decoder", "<11"), ("model", "model", "<8"), ("size", "size", ">9"),
+    table = common.Table([("decoder", "decoder", "<20"), ("model", "model", "<8"), ("size", "size", ">9"),
                           ("batch", "batch", "5d"),
                           ("dtype", "dtype", ">8"), ("attn", "attention", ">5"), ("padding", "padding", ">8"),
                           ("conv", "conv_impl", ">5"),
@@ -83,10 +83,10 @@ def main(argv=None):
     rows = []
     for decoder, name, dtype, attention, padding, conv_impl in itertools.product(
             args.decoders, args.models, args.dtypes, args.attention, args.padding, args.conv_impl):
-        config = common.load_config(common.DECODER_CONFIGS[decoder], name)
+        config = common.decoder_config(decoder, name)
         config.model.update(dtype=dtype, attention=attention, padding=padding, conv_impl=conv_impl)
         model = build_model(config.model)
-        variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+        variables = common.init_variables(model, config.model)
         for size, batch in itertools.product(args.sizes, args.batches):
             rows.append({"decoder": decoder, "model": name, "size": size, "batch": batch, "dtype": dtype,
                          "attention": attention,

@@ -46,7 +46,7 @@ def main(argv=None):
     config = common.load_config("configs/detr_coco.py", args.model)
     devices = jax.local_device_count()
     model = build_model(config.model)
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+    variables = common.init_variables(model, config.model)
     tx, schedule = make_optimizer(config.optim, variables["params"], config.model, 1000.0, 100_000)
     state = TrainState(step=np.int32(0), params=variables["params"], buffers=variables.get("buffers", {}),
                        opt_state=jax.jit(tx.init)(variables["params"]), skipped=np.int32(0))

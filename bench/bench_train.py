@@ -21,7 +21,8 @@ on one device's batch with its GFLOPs (XLA cost analysis) and FLOP rate.
   python bench/bench_train.py                              # R50, 800x1088 and 512x512, batch 4 per device
   python bench/bench_train.py --quick                      # CPU: R50, batch 2, 512x512, float32
   python bench/bench_train.py --quick --parts --official=../official_detr --official_python=../torchenv/bin/python
-  python bench/bench_train.py --quick --decoders detr conditional dab     # each decoder's paper recipe, side by side
+  python bench/bench_train.py --quick --decoders detr conditional dab deformable deformable_refine \
+      deformable_two_stage     # each decoder's paper recipe, side by side
   python bench/bench_train.py --sizes 800x1088 --batches 64 --dtypes bfloat16 --attention fused \\
       --remat none transformer all --json train.json      # one H100
   python bench/bench_train.py --config configs/synthetic.py --models demo --sizes 192x256 --batches 8 \\
@@ -116,7 +117,7 @@ def official_args(model: str) -> list | None:
 
 def init_state(model, tx_config, model_config):
     """(variables, optimizer, schedule, TrainState) with random weights, on the host."""
-    variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool))
+    variables = common.init_variables(model, model_config)
     params = variables["params"]
     tx, schedule = make_optimizer(tx_config, params, model_config, 1000.0, 100_000)
     state = TrainState(step=np.int32(0), params=params, buffers=variables.get("buffers", {}),
@@ -261,7 +262,7 @@ def main(argv=None):
     print(common.environment_line(env) + "; AdamW, clip 0.1, aux loss, ~7 boxes per image padded to 100")
     if not args.official:
         print(f"({HOW_TO_OFFICIAL})")
-    table = common.Table([("decoder", "decoder", "<11"), ("model", "model", "<8"), ("size", "size", ">9"),
+    table = common.Table([("decoder", "decoder", "<20"), ("model", "model", "<8"), ("size", "size", ">9"),
                           ("batch", "batch", "5d"),
                           ("dtype", "dtype", ">8"), ("attn", "attention", ">5"), ("remat", "remat", ">11"),
                           ("match", "matcher", ">6"), ("padding", "padding", ">8"), ("conv", "conv_impl", ">5"),
@@ -273,16 +274,15 @@ def main(argv=None):
                           ("official s", "official_s", "10.3f"), ("ours/off", "vs_official", "8.2f")])
     print(table.header())
     rows, parts = [], []
-    config_files = {d: common.DECODER_CONFIGS[d] for d in args.decoders} if args.decoders else {"": args.config}
-    for (decoder, config_file), name, size, batch, dtype, attention, remat, matcher, padding, conv_impl in (
-            itertools.product(config_files.items(), args.models, args.sizes, batches, args.dtypes, args.attention,
+    for decoder, name, size, batch, dtype, attention, remat, matcher, padding, conv_impl in (
+            itertools.product(args.decoders or [None], args.models, args.sizes, batches, args.dtypes, args.attention,
                               args.remat, args.matchers, args.padding, args.conv_impl)):
-        config = common.load_config(config_file, name)
-        decoder = config.model.decoder
+        config = common.decoder_config(decoder, name) if decoder else common.load_config(args.config, name)
+        decoder = decoder or config.model.decoder
         config.model.update(dtype=dtype, attention=attention, remat=remat, padding=padding, conv_impl=conv_impl)
         config.loss.matcher = matcher
         official = None
-        if args.official and decoder == "detr" and official_args(name) is not None:
+        if args.official and config.model.decoder == "detr" and official_args(name) is not None:
             official = OfficialStep(args.official_python, args.official, official_args(name), batch, size)
         try:
             row = measure(config, batch, common.parse_size(size), args.repeats, official)

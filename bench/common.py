@@ -68,8 +68,24 @@ def time_alternating(fns, repeats: int, warmup: int = 1):
     return times
 
 
-DECODER_CONFIGS = {"detr": "configs/detr_coco.py", "conditional": "configs/conditional_coco.py",
-                   "dab": "configs/dab_coco.py"}  # --decoders: each decoder's COCO recipe
+# --decoders: each decoder's COCO recipe, (config file, prefix of its variant before the model name)
+DECODER_CONFIGS = {"detr": ("configs/detr_coco.py", ""), "conditional": ("configs/conditional_coco.py", ""),
+                   "dab": ("configs/dab_coco.py", ""), "deformable": ("configs/deformable_coco.py", "deformable_"),
+                   "deformable_refine": ("configs/deformable_coco.py", "refine_"),
+                   "deformable_two_stage": ("configs/deformable_coco.py", "two_stage_")}
+
+
+def decoder_config(decoder: str, model: str):
+    """``decoder``'s COCO config (DECODER_CONFIGS) for ``model`` (r50, r101, ...)."""
+    path, prefix = DECODER_CONFIGS[decoder]
+    return load_config(path, prefix + model)
+
+
+def init_variables(model, model_config):
+    """Random variables of ``model`` (``detr_jax.models.detr.init_inputs``)."""
+    from detr_jax.models.detr import init_inputs
+
+    return jax.jit(model.init)(jax.random.PRNGKey(0), *init_inputs(model_config))
 
 
 def load_config(path: str, variant: str = ""):

@@ -10,8 +10,9 @@ a location x in [0, 1] of a level of width w reads pixel coordinate ``x * w - 0.
 outside the map read 0. ``msda_impl`` picks how the samples are read (``MSDA_IMPLS``), with the
 same values:
 
-- "gather": the 4 bilinear corners of every point of every level as one gather of value rows per
-  (image, head), then a weighted sum; memory O(Q * heads * levels * points * 4 * head_dim).
+- "gather": the 4 bilinear corners of every point of every level as one gather of value rows (of
+  head_dim values, from value read as [B * N * heads, head_dim]), then a weighted sum; memory
+  O(Q * heads * levels * points * 4 * head_dim).
 - "dense": per level, the sampling weights scattered into a [Q, h * w] matrix per (image, head)
   and one matrix product with the value map; memory O(Q * h * w * heads), for small maps (the
   decoder's 300 queries) where matrix units beat gathers.
@@ -80,19 +81,19 @@ def _corners(spatial_shapes, locations, weights):
 
 def msda_gather(value, spatial_shapes, locations, weights):
     """value [B, N, H, c] (levels flattened and concatenated); locations [B, Q, H, L, P, 2] (x, y)
-    in [0, 1]; weights [B, Q, H, L, P] -> [B, Q, H * c]. One gather of value rows per (image,
-    head) over all levels, points and corners, then their weighted sum."""
-    b, _, heads, c = value.shape
+    in [0, 1]; weights [B, Q, H, L, P] -> [B, Q, H * c]. One gather of the c-wide rows of value,
+    read as [B * N * H, c], at every corner of every point of every level, then their weighted sum."""
+    b, n, heads, c = value.shape
     q = locations.shape[1]
     corners = _corners(spatial_shapes, locations, weights)
-    index = jnp.concatenate([i + start for (i, _), start in zip(corners, level_starts(spatial_shapes))], axis=-1)
+    cell = jnp.concatenate([i + start for (i, _), start in zip(corners, level_starts(spatial_shapes))], axis=-1)
     weight = jnp.concatenate([w for _, w in corners], axis=-1)  # [B, Q, H, P, 4 L]
-    index = index.transpose(0, 2, 1, 3, 4).reshape(b, heads, -1)  # [B, H, Q * P * 4L]
-    rows = jax.vmap(jax.vmap(lambda v, i: jnp.take(v, i, axis=0)))(value.transpose(0, 2, 1, 3), index)
-    rows = rows.reshape(b, heads, q, -1, c)  # [B, H, Q, K, c]
-    weight = weight.transpose(0, 2, 1, 3, 4).reshape(b, heads, q, -1, 1).astype(rows.dtype)
-    out = (rows * weight).sum(3, dtype=jnp.promote_types(rows.dtype, jnp.float32))  # [B, H, Q, c]
-    return out.transpose(0, 2, 1, 3).reshape(b, q, heads * c).astype(value.dtype)
+    row = ((jnp.arange(b)[:, None, None, None, None] * n + cell) * heads
+           + jnp.arange(heads)[None, None, :, None, None])
+    rows = jnp.take(value.reshape(b * n * heads, c), row.reshape(-1), axis=0).reshape(b, q, heads, -1, c)
+    out = jnp.einsum("bqhk,bqhkc->bqhc", weight.reshape(b, q, heads, -1).astype(rows.dtype), rows,
+                     preferred_element_type=jnp.promote_types(rows.dtype, jnp.float32))
+    return out.reshape(b, q, heads * c).astype(value.dtype)
 
 
 def msda_dense(value, spatial_shapes, locations, weights):
