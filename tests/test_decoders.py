@@ -182,12 +182,15 @@ def test_focal_model_head_and_exact_padding(decoder):
         np.testing.assert_allclose(references[:, i], alone_references[:, 0], rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("decoder", ["conditional", "dab"])
+@pytest.mark.parametrize("decoder", ["dab", "deformable_two_stage"])
 def test_a_tiny_focal_run_trains_evaluates_and_detects(decoder, tmp_path):
     """What train.py and detect do, in process (their command lines are tested on the DETR decoder):
     the synthetic :DECODER_tiny config trained 2 steps and evaluated at the end (COCO AP and the val
-    loss of the focal model), then its checkpoint detects on a val image with the decoder attention."""
+    loss of the focal model; two-stage Deformable DETR's proposal terms too), then its checkpoint
+    detects on a val image, with the decoder attention where the model has a dense one (Deformable
+    DETR's sampled attention is refused by name before any work)."""
     from configs.synthetic import get_config
+    from detr_jax.errors import UsageError
     from detr_jax.training import train_and_evaluate
     from detr_jax.visualize.detect import detect_checkpoint
 
@@ -197,12 +200,20 @@ def test_a_tiny_focal_run_trains_evaluates_and_detects(decoder, tmp_path):
     train_and_evaluate(config, tmp_path / "run")
     (evaluation,) = [json.loads(line) for line in (tmp_path / "run" / "history" / "eval.jsonl").read_text().splitlines()]
     assert 0 <= evaluation["AP"] <= 1 and evaluation["val_loss_ce"] > 0
-    found = detect_checkpoint(None, str(tmp_path / "data" / "val" / "000001.jpg"), tmp_path / "detect",
-                              workdir=tmp_path / "run", threshold=0.0, topk=7, decoder_attention=True, log=lambda _: None)
+    assert ("val_loss_ce_enc" in evaluation) == decoder.endswith("two_stage")
+    detect = lambda out, attention: detect_checkpoint(
+        None, str(tmp_path / "data" / "val" / "000001.jpg"), tmp_path / out, workdir=tmp_path / "run", threshold=0.0,
+        topk=7, decoder_attention=attention, log=lambda _: None)
+    dense_attention = decoder == "dab"
+    if not dense_attention:
+        with pytest.raises(UsageError, match="attention maps need dense attention"):
+            detect("refused", True)
+        assert not (tmp_path / "refused").exists()
+    found = detect("detect", dense_attention)
     (image,) = found["images"]
     scores = [d["score"] for d in image["detections"]]
     assert len(scores) == 7 and scores == sorted(scores, reverse=True)
-    assert (tmp_path / "detect" / "000001_decoder_attention.png").exists()
+    assert (tmp_path / "detect" / "000001_decoder_attention.png").exists() == dense_attention
 
 
 def test_convert_round_trips_each_official_layout_and_refuses_mismatches(official, tmp_path):

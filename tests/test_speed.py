@@ -259,7 +259,7 @@ def test_epoch_builds_one_program_per_bucket_cache_and_profile(tmp_path, restore
 
 @pytest.mark.parametrize("script", ["bench_inference", "bench_train", "bench_compile", "bench_matcher",
                                     "bench_eval", "bench_pipeline", "bench_loop",
-                                    "bench_gpu"])
+                                    "bench_gpu", "bench_msda"])
 def test_benchmark_scripts_have_help(script, capsys, monkeypatch):
     import importlib
     import sys
@@ -294,3 +294,22 @@ def test_gpu_benchmark_dry_run_writes_its_tables_without_tensorflow(tmp_path, mo
     train_line = next(line for line in text.splitlines() if line.startswith("| bfloat16 | 1 |"))
     cells = [c.strip() for c in train_line.strip("|").split("|")]
     assert float(cells[3]) > 0 and float(cells[4]) > 0 and cells[5].endswith("%") and cells[6].endswith("%")
+
+
+def test_msda_benchmark_times_both_paths_and_leaves_out_a_dense_matrix_too_large(tmp_path, monkeypatch):
+    import importlib
+    import json
+
+    from conftest import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    bench_msda = importlib.import_module("bench_msda")
+    assert bench_msda.level_shapes((800, 1066)) == ((100, 134), (50, 67), (25, 34), (13, 17))
+    bench_msda.main(["--size", "64x96", "--decoder_queries", "20", "--repeats", "1", "--max_dense_gib", "1e-4",
+                     "--json", str(tmp_path / "msda.json")])
+    rows = json.loads((tmp_path / "msda.json").read_text())["rows"]
+    assert [(r["problem"], r["impl"], r["pass"]) for r in rows] == [
+        (p, i, s) for p in ("decoder", "encoder") for s in ("forward", "forward+backward") for i in ("gather", "dense")]
+    timed = {(r["problem"], r["impl"]) for r in rows if r["ms"] is not None}
+    assert timed == {("decoder", "gather"), ("decoder", "dense"), ("encoder", "gather")}  # encoder's dense: too large
+    assert all(r["gflops"] > 0 and r["program_mib"] > 0 for r in rows if r["ms"] is not None)

@@ -166,17 +166,17 @@ def test_initial_variables_from_official_checkpoint_and_torchvision(tmp_path):
             np.testing.assert_array_equal(fresh[key], 2 * a[key], err_msg=key)
 
 
-def _devices_check():
-    """Run with 4 simulated devices: one step of a global batch of 8 on 1 device and on 4."""
-    import jax.numpy as jnp
-
+def _devices_check(variant: str):
+    """Run with 4 simulated devices: one step of a global batch of 8 on 1 device and on 4, of the
+    synthetic config ``variant``."""
     from configs.synthetic import get_config
     from detr_jax import build_model
+    from detr_jax.models.detr import init_inputs
     from detr_jax.optim import make_optimizer
     from detr_jax.parallel import AXIS, first_local, replicate, shard
     from detr_jax.training import TrainState, make_train_step
 
-    config = get_config("tiny")
+    config = get_config(variant)
     config.optim.schedule = "constant"  # warm-up would start at lr 0
     model = build_model(config.model)
     rng = np.random.RandomState(0)
@@ -186,7 +186,7 @@ def _devices_check():
              "boxes": rng.uniform(0.2, 0.6, (8, 4, 4)).astype(np.float32),
              "box_valid": rng.rand(8, 4) < 0.7}
     batch["padding_mask"][::2, 48:] = True
-    variables = jax.device_get(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)))
+    variables = jax.device_get(model.init(jax.random.PRNGKey(0), *init_inputs(config.model)))
     tx, schedule = make_optimizer(config.optim, variables["params"], config.model, 10.0, 100)
     state = TrainState(step=np.int32(0), params=variables["params"], buffers=variables.get("buffers", {}),
                        opt_state=tx.init(variables["params"]), skipped=np.int32(0))
@@ -206,9 +206,12 @@ def _devices_check():
                       "moved": moved, "loss": float(m1["loss"])}))
 
 
-def test_one_and_four_devices_give_the_same_step():
+@pytest.mark.parametrize("variant", ["tiny", "deformable_two_stage_tiny"])
+def test_one_and_four_devices_give_the_same_step(variant):
+    """DETR, and Deformable DETR with box refinement and two-stage (its proposals' loss and second
+    matching included)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600,
+    done = subprocess.run([sys.executable, __file__, variant], env=env, capture_output=True, text=True, timeout=600,
                           cwd=REPO / "tests")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -218,7 +221,7 @@ def test_one_and_four_devices_give_the_same_step():
 
 
 if __name__ == "__main__":
-    _devices_check()
+    _devices_check(sys.argv[1])
 
 
 def test_epoch_based_sizes_follow_the_batch_given_at_the_start():

@@ -49,7 +49,8 @@ MISTAKES = [
      "error: the config has 2 problems:"),
     ("an unknown variant", ["--config=configs/synthetic.py:tiniest"],
      "error: flag --config=configs/synthetic.py:tiniest: ValueError: configs/synthetic.py: unknown variant 'tiniest'; "
-     "expected [DECODER_]VARIANT with DECODER one of detr, conditional, dab and VARIANT one of demo, tiny, overfit"),
+     "expected [DECODER_]VARIANT with DECODER one of detr, conditional, dab, deformable, deformable_refine, "
+     "deformable_two_stage and VARIANT one of demo, tiny, overfit"),
     ("an unknown flag", ["--work_dir=/tmp"], "error: Unknown command line flag 'work_dir'"),
     ("a bucket off the stride", ["--config.data.buckets=((100, 128),)"],
      "error: the config has a problem: config.data.buckets = ((100, 128),): expected (h, w) pairs, positive "
@@ -82,7 +83,9 @@ def test_every_problem_is_listed():
 def test_the_shipped_configs_are_valid():
     for spec in ("synthetic.py", "synthetic.py:tiny", "synthetic.py:overfit", "synthetic.py:conditional",
                  "synthetic.py:dab_tiny", "detr_coco.py:r50", "detr_coco.py:r101_dc5", "conditional_coco.py:r50_108ep",
-                 "dab_coco.py:r50", "finetune.py", "convergence.py"):
+                 "dab_coco.py:r50", "deformable_coco.py:deformable", "deformable_coco.py:refine_r101",
+                 "deformable_coco.py:two_stage", "synthetic.py:deformable_two_stage_tiny", "finetune.py",
+                 "convergence.py"):
         file, _, variant = spec.partition(":")
         validate(runpy.run_path(str(REPO / "configs" / file))["get_config"](variant))
 
