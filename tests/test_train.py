@@ -178,6 +178,11 @@ def _devices_check(variant: str):
 
     config = get_config(variant)
     config.optim.schedule = "constant"  # warm-up would start at lr 0
+    # Adam's first update is lr * g / (|g| + eps). Parameters whose true gradient is zero (a conv bias
+    # before GroupNorm, attention key biases) get rounding noise of ~1e-9 as g, which eps=1e-8 would
+    # turn into updates of +-lr that differ between 1 and 4 devices; with eps=1e-4 the update is
+    # linear in such g, and the comparison sees the gradients' agreement (the data-parallel part).
+    config.optim.eps = 1e-4
     model = build_model(config.model)
     rng = np.random.RandomState(0)
     batch = {"image": rng.standard_normal((8, 64, 64, 3)).astype(np.float32),
@@ -217,7 +222,7 @@ def test_one_and_four_devices_give_the_same_step(variant):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4 and result["metrics"], result
     assert result["moved"] > 1e-5  # the step changed the parameters ...
-    assert result["max_param_delta"] < 1e-5  # ... identically on 1 and 4 devices (float rounding)
+    assert result["max_param_delta"] < 1e-6  # ... identically on 1 and 4 devices (float rounding; lr 3e-4)
 
 
 if __name__ == "__main__":
