@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, tiny_config
+from conftest import REPO, devices_env, tiny_config
 from detr_jax import build_model
 from detr_jax.config import data_config, loss_config
 from detr_jax.data import eval_batches, load_dataset
@@ -267,7 +267,7 @@ def test_two_processes_with_two_devices_each(runs, setup):
         port = s.getsockname()[1]
     prelude = ("jax.config.update('jax_cpu_collectives_implementation', 'gloo')\n"
                f"jax.distributed.initialize('localhost:{port}', num_processes=2, process_id=int(sys.argv[1]))\n")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = devices_env(2, JAX_PLATFORMS="cpu")
     processes = [subprocess.Popen([sys.executable, "-c", evaluation_script(setup[0], prelude), str(p)], cwd=REPO,
                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for p in (0, 1)]
     got = [last_json_line(p) for p in processes]

@@ -1,6 +1,5 @@
 """SetCriterion: official parity, gradients, hand cases, invariances, pmap == one device."""
 import json
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, reference_outputs, reference_targets
+from conftest import REPO, devices_env, reference_outputs, reference_targets
 from detr_jax.config import loss_config
 from detr_jax.losses import compute_loss, loss_sums, normalise
 from test_matching import random_outputs_and_targets
@@ -198,7 +197,7 @@ def _pmap_check():
 
 
 def test_pmap_loss_equals_single_device_loss():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
+    env = devices_env(4, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=REPO / "tests")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"total": True, "terms": True, "grads": True, "devices": 4}

@@ -1,7 +1,6 @@
 """Hungarian matching: official indices, brute force, scipy, host vs device, padding, pmap."""
 import itertools
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from conftest import REPO, reference_outputs, reference_targets
+from conftest import REPO, devices_env, reference_outputs, reference_targets
 from detr_jax.config import loss_config
 from detr_jax.matching import cost_matrix, device_assign, index_pairs, match, scipy_assign
 
@@ -174,7 +173,7 @@ def _pmap_check():
 
 
 def test_matching_inside_pmap():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
+    env = devices_env(4, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, cwd=REPO / "tests")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"host": True, "device": True, "devices": 4}

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, devices_env
 from test_train import assert_same_params, final_params, read_history
 
 
@@ -57,7 +57,7 @@ def free_port() -> int:
 def launch(workdir, shared, processes: int, devices: int, *overrides):
     """Start one job: ``processes`` processes with ``devices`` simulated CPU devices each."""
     data_dir, cache, matrix = shared
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = devices_env(devices)
     args = [sys.executable, "train.py", "--config=configs/synthetic.py:tiny", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", f"--config.train.compilation_cache_dir={cache}", *matrix.flags(),
             *overrides]

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, devices_env
 from detr_jax.checkpoint import TrainCheckpoints, latest_train_variables
 from detr_jax.config import data_config
 from detr_jax.data.synthetic import CLASSES
@@ -24,8 +24,11 @@ def data_dir(tmp_path_factory):
 
 
 def train(workdir, data_dir, *overrides, env=None, wait=True):
+    """train.py on the tiny config; the runs of this module share a compilation cache (beside
+    ``data_dir``): they build the same programs."""
+    cache = os.path.join(os.path.dirname(data_dir), "compilation_cache")
     args = [sys.executable, "train.py", f"--config={TINY}", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", *overrides]
+            f"--config.data.data_dir={data_dir}", f"--config.train.compilation_cache_dir={cache}", *overrides]
     process = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, **(env or {})})
     if not wait:
@@ -215,7 +218,7 @@ def _devices_check(variant: str):
 def test_one_and_four_devices_give_the_same_step(variant):
     """DETR, and Deformable DETR with box refinement and two-stage (its proposals' loss and second
     matching included)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(REPO)}
+    env = devices_env(4, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, __file__, variant], env=env, capture_output=True, text=True, timeout=600,
                           cwd=REPO / "tests")
     assert done.returncode == 0, done.stderr

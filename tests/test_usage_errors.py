@@ -1,13 +1,12 @@
 """Operator mistakes: each gets one ``error: ...`` line naming the flag, field or folder, and exit
 status 2, before any work (the config validator, the flag parser, the workdir lock)."""
-import os
 import runpy
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, devices_env
 from detr_jax import workdir_lock
 from detr_jax.config import data_config
 from detr_jax.errors import ConfigError, WorkdirInUse
@@ -17,7 +16,7 @@ TINY = ["train.py", "--config=configs/synthetic.py:tiny"]
 
 
 def run(*args, devices=1):
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    env = devices_env(devices)
     process = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     return process.returncode, process.stdout, process.stderr
 
