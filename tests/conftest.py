@@ -1,5 +1,5 @@
-"""Shared test helpers: the tiny model config, the environment of subprocesses, the official
-reference dump."""
+"""Shared test helpers: the tiny model config, the environment of multi-device subprocesses, the
+official reference dump."""
 import os
 from pathlib import Path
 
@@ -15,17 +15,9 @@ TINY = dict(backbone="resnet_tiny", num_classes=5, num_queries=10, hidden_dim=32
             num_encoder_layers=2, num_decoder_layers=3, ffn_dim=64, dropout=0.1)
 
 
-# The suite's models are tiny: their time goes to XLA compiling them, which LLVM at -O0 halves
-# (measured: tiny Deformable DETR's loss-and-gradient program 17.9 -> 9.5 s); the programs are the
-# same. Set before any computation, and inherited by the suite's subprocesses.
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
-
-
 def devices_env(devices: int, **extra) -> dict:
-    """os.environ for a subprocess with ``devices`` simulated CPU devices (and the suite's flags)."""
-    return {**os.environ, "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}", **extra}
+    """os.environ for a subprocess with ``devices`` simulated CPU devices."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
 
 
 def tiny_config(**overrides):
