@@ -26,7 +26,8 @@ def data_dir(tmp_path_factory):
 
 def train(workdir, data_dir, *overrides, env=None, wait=True):
     """train.py on the tiny config; the runs of this module share a compilation cache (beside
-    ``data_dir``): they build the same programs."""
+    ``data_dir``) for the programs they have in common (the train step, with its host matcher
+    callback, is not cached by jax)."""
     cache = os.path.join(os.path.dirname(data_dir), "compilation_cache")
     args = [sys.executable, "train.py", f"--config={TINY}", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", f"--config.train.compilation_cache_dir={cache}", *overrides]
