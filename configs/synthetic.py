@@ -1,19 +1,24 @@
-"""The CPU demo: a small DETR trained from scratch on the built-in synthetic shapes dataset.
+"""The CPU demo and the CPU study: small detectors trained from scratch on the built-in synthetic shapes.
 
 The dataset (5 shape classes, 512 train / 128 val images of 128..256 px, 1..4 objects of 20..50% of
 the short side) is generated on first use under ~/.cache/detr_jax (or --config.data.data_dir). No
 download, no pretrained weights: the backbone is first pretrained for 1,000 steps as a dense
-classifier of the training boxes (``detr_jax.pretrain``, standing in for ImageNet weights), then
-DETR trains from it:
+classifier of the training boxes (``detr_jax.pretrain``, standing in for ImageNet weights), then the
+detector trains from it for 1,400 steps of batch 8 on images resized to a short side of 96..128 px:
 
-  python train.py --config=configs/synthetic.py --workdir=runs/synthetic       # the demo
+  python -m detr_jax.demo                                                        # the demo's decoder
+  python train.py --config=configs/synthetic.py:deformable_refine --workdir=runs/synthetic   # the same run
+  python train.py --config=configs/synthetic.py --workdir=runs/synthetic-detr   # plain DETR, same budget
   python train.py --config=configs/synthetic.py:tiny --workdir=/tmp/smoke      # seconds: smoke test
 
-Variants: [DECODER_]VARIANT. VARIANT: demo (default), tiny (a few steps of a tiny model, for smoke
+Variants: [DECODER_]VARIANT. DECODER: one of configs/decoders.py's RECIPES (detr when absent;
+conditional, dab, dn_dab, deformable, deformable_refine, deformable_two_stage), with that paper's
+model and loss settings on the same backbone, sizes and budget, e.g. ``synthetic.py:dn_dab``,
+``synthetic.py:conditional_tiny``. VARIANT: demo (default: the budget above; one encoder layer, so
+that Deformable DETR's multi-scale encoder fits it), tiny (a few steps of a tiny model, for smoke
 tests), overfit (8 training images, evaluated on themselves: checks that the model can fit them).
-DECODER: conditional or dab, the same backbone, sizes and budget with Conditional DETR's or
-DAB-DETR's decoder and loss settings (configs/decoders.py), e.g. ``synthetic.py:dab`` (the demo),
-``synthetic.py:conditional_tiny``.
+DEMO_DECODER is the decoder ``python -m detr_jax.demo`` trains: the fastest to converge of the CPU
+study (configs/study_cpu.py).
 """
 import ml_collections
 
@@ -22,10 +27,12 @@ from detr_jax.config import (data_config, eval_config, init_config, loss_config,
                               train_config)
 
 VARIANTS = ("demo", "tiny", "overfit")
+DEMO_DECODER = "deformable_refine"
+DETR_AP_ON_DEMO_BUDGET = 0.063  # plain DETR's final AP at the demo's budget, mean of the CPU study's seeds
 
-SMALL_SIZES = dict(train_scales=(128, 144, 160, 176, 192), train_max_size=256, crop_resize_scales=(128, 160),
-                   crop_min_size=96, crop_max_size=160, eval_size=160, eval_max_size=256,
-                   buckets=((192, 256), (256, 192)))  # short side <= 192, long <= 256: two shapes to compile
+SMALL_SIZES = dict(train_scales=(96, 112, 128), train_max_size=160, crop_resize_scales=(96, 128),
+                   crop_min_size=64, crop_max_size=128, eval_size=128, eval_max_size=160,
+                   buckets=((128, 160), (160, 128)))  # short side <= 128, long <= 160: two shapes to compile
 
 
 def parse_variant(arg: str) -> tuple[str, str]:
@@ -42,7 +49,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     decoder, variant = parse_variant(arg)
     config = ml_collections.ConfigDict()
     config.model = model_config(backbone="resnet_tiny", backbone_norm="group_norm", frozen_stages=-1, num_classes=5,
-                                num_queries=10, hidden_dim=128, num_heads=4, num_encoder_layers=3,
+                                num_queries=10, hidden_dim=128, num_heads=4, num_encoder_layers=1,
                                 num_decoder_layers=3, ffn_dim=256, dropout=0.0,
                                 # trains the official padded-batch way: "exact" costs this model (masked
                                 # GroupNorm statistics, small convs) ~10% of its 15-minute budget
@@ -52,8 +59,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                               synthetic_max_objects=4, synthetic_object_scale=(0.2, 0.5), **SMALL_SIZES)
     config.optim = optim_config(lr=3e-4, lr_backbone=3e-4, weight_decay=1e-4, clip_norm=1.0, schedule="warmup_cosine",
                                 warmup_epochs=1.0)
-    config.train = train_config(batch_size=8, num_epochs=64.0, log_every_steps=100, checkpoint_every_steps=1000,
-                                eval_every_steps=1000)
+    config.train = train_config(batch_size=8, num_steps=1400, num_epochs=0.0, log_every_steps=100,
+                                checkpoint_every_steps=700, eval_every_steps=200)
     # evaluated as it trains: its GroupNorm statistics were learned over padded canvases, and "exact"
     # evaluation (statistics of each image alone) cost the demo 0.31 -> 0.19 AP (measured)
     config.eval = eval_config(batch_size=8, padding="official")

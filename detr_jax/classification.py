@@ -45,13 +45,13 @@ class Softmax:
         return -jnp.take_along_axis(prob, index, axis=-1)
 
     @staticmethod
-    def loss_sums(logits, target_classes, example_valid, num_boxes, loss_config):
+    def loss_sums(logits, target_classes, query_valid, num_boxes, loss_config):
         """(sum of weight x NLL, sum of the weights) over every query: logits [B, Q, C+1],
-        target_classes [B, Q] (C = no-object), example_valid [B]."""
+        target_classes [B, Q] (C = no-object), query_valid [B, Q] (False: counts nowhere)."""
         no_object = logits.shape[-1] - 1
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         nll = -jnp.take_along_axis(log_probs, target_classes[..., None], axis=-1)[..., 0]
-        weight = jnp.where(target_classes == no_object, loss_config.eos_coef, 1.0) * example_valid[:, None]
+        weight = jnp.where(target_classes == no_object, loss_config.eos_coef, 1.0) * query_valid
         return (weight * nll).sum(), weight.sum()
 
     @staticmethod
@@ -96,16 +96,17 @@ class SigmoidFocal:
         return pos - neg
 
     @staticmethod
-    def loss_sums(logits, target_classes, example_valid, num_boxes, loss_config):
+    def loss_sums(logits, target_classes, query_valid, num_boxes, loss_config):
         """(sum of the sigmoid focal loss over queries x classes, number of target boxes):
-        logits [B, Q, C], target_classes [B, Q] (C = unmatched: all classes negative)."""
+        logits [B, Q, C], target_classes [B, Q] (C = unmatched: all classes negative), query_valid
+        [B, Q] (False: counts nowhere)."""
         onehot = jax.nn.one_hot(target_classes, logits.shape[-1] + 1)[..., :-1]
         p = jax.nn.sigmoid(logits)
         ce = jnp.maximum(logits, 0) - logits * onehot + jnp.log1p(jnp.exp(-jnp.abs(logits)))
         p_t = p * onehot + (1 - p) * (1 - onehot)
         alpha_t = loss_config.focal_alpha * onehot + (1 - loss_config.focal_alpha) * (1 - onehot)
-        focal = (alpha_t * ce * (1 - p_t) ** loss_config.focal_gamma).sum((1, 2))
-        return jnp.where(example_valid, focal, 0).sum(), num_boxes
+        focal = (alpha_t * ce * (1 - p_t) ** loss_config.focal_gamma).sum(-1)
+        return jnp.where(query_valid, focal, 0).sum(), num_boxes
 
     @staticmethod
     def detections(logits, topk: int):

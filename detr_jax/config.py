@@ -38,6 +38,13 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         each refining the reference boxes of the next layer).
       two_stage: Deformable DETR's two-stage variant: the encoder proposes a box per token, the
         top num_queries proposals are the decoder's queries (trained with their own loss, enc terms).
+      num_feature_levels: Deformable DETR's feature levels (official ``--num_feature_levels``): 4
+        (C3, C4, C5 and a stride-64 conv of C5, default) or 1 (C5 alone, the paper's single-scale
+        ablation: about a quarter of the tokens at stride 32).
+      label_embedding: DN-DETR's content queries: the decoder's queries start from an embedding of
+        a label (``label_enc``, num_classes + 1 rows of hidden_dim - 1, and an indicator column): the
+        matching queries from the no-label row, denoising queries from their noised labels
+        (``config.loss.denoising``). Decoders that take it: dab (DN-DAB-DETR).
       msda_impl: how multi-scale deformable attention samples its values, one of MSDA_IMPLS, the same
         values (``detr_jax.models.deformable``): "gather" (default, memory linear in the points) or
         "dense" (a sampling matrix per level and a matrix product; memory O(queries x cells)).
@@ -106,6 +113,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         with_box_refine=False,
         two_stage=False,
         msda_impl="gather",
+        num_feature_levels=4,
+        label_embedding=False,
     ))
     cfg.update(overrides)
     return cfg
@@ -124,6 +133,11 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
         ``config.model.classification = "sigmoid_focal"`` model.
       giou_eps: added to the union and the enclosing area of the GIoU in the loss and the matching
         cost (0: official DETR, Conditional DETR; DAB-DETR's code adds 1e-6).
+      denoising: DN-DETR's denoising training (``detr_jax.denoising``): groups (official
+        ``--scalar``; 0: off, DN-DETR trains with 5), label_noise (chance that a label is replaced,
+        official 0.2), box_noise (official 0.4: centres move up to 0.4 x half the size, sizes up to
+        0.4 x themselves). Needs ``config.model.label_embedding`` and a decoder that takes it (dab).
+        Training only: evaluation and detection run the model without denoising queries.
     """
     cfg = ml_collections.ConfigDict(dict(
         cost_class=1.0,
@@ -138,6 +152,7 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
         focal_alpha=0.25,
         focal_gamma=2.0,
         giou_eps=0.0,
+        denoising=ml_collections.ConfigDict(dict(groups=0, label_noise=0.2, box_noise=0.4)),
     ))
     cfg.update(overrides)
     return cfg

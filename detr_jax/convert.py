@@ -30,13 +30,15 @@ from detr_jax.models.detr import build_model, class_head, init_inputs
 
 BACKBONE_PREFIX = "backbone.0.body."
 _QKV = ("q_proj", "k_proj", "v_proj")
-_EMBEDDINGS = ("query_embed", "refpoint_embed", "row_embed", "col_embed")  # official nn.Embedding: key.weight
-# --source: the code base a whole-model checkpoint comes from -> config.model's (decoder, classification)
+_EMBEDDINGS = ("query_embed", "refpoint_embed", "row_embed", "col_embed", "label_enc")  # official nn.Embedding: key.weight
+# --source: the code base a whole-model checkpoint comes from -> config.model's (decoder, classification,
+# label_embedding)
 SOURCES = {
-    "official": ("detr", "softmax"),  # facebookresearch/detr
-    "conditional_detr": ("conditional", "sigmoid_focal"),  # Atten4Vis/ConditionalDETR
-    "dab_detr": ("dab", "sigmoid_focal"),  # IDEA-Research/DAB-DETR
-    "deformable_detr": ("deformable", "sigmoid_focal"),  # fundamentalvision/Deformable-DETR
+    "official": ("detr", "softmax", False),  # facebookresearch/detr
+    "conditional_detr": ("conditional", "sigmoid_focal", False),  # Atten4Vis/ConditionalDETR
+    "dab_detr": ("dab", "sigmoid_focal", False),  # IDEA-Research/DAB-DETR
+    "dn_dab_detr": ("dab", "sigmoid_focal", True),  # IDEA-Research/DN-DETR, DN-DAB-DETR
+    "deformable_detr": ("deformable", "sigmoid_focal", False),  # fundamentalvision/Deformable-DETR
 }
 CLASS_HEAD_WEIGHT = re.compile(r"class_embed(\.\d+)?\.weight")
 
@@ -193,14 +195,15 @@ def _check_num_classes(state_dict, model_config) -> None:
 
 def check_source(source: str, model_config) -> None:
     """A clear error when config.model is not the model of the code base ``source`` (SOURCES)."""
-    decoder, classification = SOURCES[source]
-    if (model_config.decoder, model_config.classification) != (decoder, classification):
+    decoder, classification, label_embedding = SOURCES[source]
+    ours = (model_config.decoder, model_config.classification, bool(model_config.get("label_embedding", False)))
+    if ours != (decoder, classification, label_embedding):
         raise CheckpointMismatchError(
-            f"--source={source} checkpoints are models with decoder {decoder!r} and classification "
-            f"{classification!r}, but config.model has decoder={model_config.decoder!r} and classification="
-            f"{model_config.classification!r}: pass the config of that model (configs/detr_coco.py:r50, "
-            "configs/conditional_coco.py:r50, configs/dab_coco.py:r50 or configs/deformable_coco.py:KIND) or set "
-            "those two fields")
+            f"--source={source} checkpoints are models with decoder {decoder!r}, classification "
+            f"{classification!r} and label_embedding {label_embedding}, but config.model has decoder={ours[0]!r}, "
+            f"classification={ours[1]!r} and label_embedding={ours[2]}: pass the config of that model "
+            "(configs/detr_coco.py:r50, configs/conditional_coco.py:r50, configs/dab_coco.py:r50, "
+            "configs/dn_dab_coco.py:r50 or configs/deformable_coco.py:KIND) or set those fields")
 
 
 def without_aliases(state_dict, model_config) -> dict:

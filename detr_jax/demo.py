@@ -1,14 +1,15 @@
 r"""The first command's job: train the CPU demo, evaluate it, and draw what it learned.
 
-  python -m detr_jax.demo                                  # configs/synthetic.py, runs/demo-<time>
+  python -m detr_jax.demo                                  # configs/synthetic.py:deformable_refine, runs/demo-<time>
   python -m detr_jax.demo --config=configs/synthetic.py:tiny --workdir=/tmp/smoke   # seconds
 
 In one run folder (named at the end): the synthetic dataset is generated on first use, the config
 trains (backbone pretraining, then DETR, with step / ETA lines and periodic COCO evaluation of the
 val split), then
   plots/          losses.png, ap.png, summary.md  (``python -m detr_jax.plot_runs``)
-  detections/     detections.json, NAME.png with boxes, NAME_decoder_attention.png and
-                  NAME_encoder_attention.png for the first val images  (``python -m detr_jax.detect``)
+  detections/     detections.json, NAME.png with boxes (and, for decoders with dense attention,
+                  NAME_decoder_attention.png and NAME_encoder_attention.png) for the first val
+                  images  (``python -m detr_jax.detect``)
 and a last summary: the final COCO AP, the wall time and where everything is. Run again with the
 same --workdir to resume an interrupted run.
 """
@@ -18,10 +19,11 @@ from pathlib import Path
 from absl import flags
 from ml_collections import config_flags
 
+from configs.synthetic import DEMO_DECODER
 from detr_jax import cli
 
-config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Config file[:variant] to train (default: the "
-                                "CPU demo, configs/synthetic.py).")
+config_flags.DEFINE_config_file("config", f"configs/synthetic.py:{DEMO_DECODER}", "Config file[:variant] to train "
+                                "(default: the CPU demo, configs/synthetic.py's DEMO_DECODER).")
 flags.DEFINE_string("workdir", "", "Run folder (default: runs/demo-<date>-<time>); an existing run resumes.")
 flags.DEFINE_integer("num_images", 6, "Val images to draw detections and attention maps for.")
 flags.DEFINE_float("threshold", 0.5, "Score threshold of the drawn detections.")
@@ -46,9 +48,21 @@ def final_ap(workdir) -> dict:
     return rows[-1] if rows else {}
 
 
+def baseline(config) -> str:
+    """For the demo's own budget (configs/synthetic.py's model, optimizer and training settings):
+    what plain DETR reached on it in the CPU study; "" for any other config."""
+    from configs.synthetic import DETR_AP_ON_DEMO_BUDGET, get_config
+
+    demo = get_config(DEMO_DECODER)
+    if any(config[section].to_dict() != demo[section].to_dict() for section in ("model", "optim", "train", "init")):
+        return ""
+    return f" (plain DETR on the same budget: AP {DETR_AP_ON_DEMO_BUDGET:.3f}, the CPU study's mean; README)"
+
+
 def run_demo(config, workdir, *, num_images: int, threshold: float, log=print) -> dict:
     """Train ``config`` in ``workdir``, then write plots/ and detections/ there -> the final eval
     metrics (step, AP, AP50, ...; {} if never evaluated)."""
+    from detr_jax.models.decoders import DECODERS
     from detr_jax.training import train_and_evaluate
     from detr_jax.visualize.detect import detect_checkpoint
     from detr_jax.visualize.plots import plot_runs
@@ -59,15 +73,18 @@ def run_demo(config, workdir, *, num_images: int, threshold: float, log=print) -
     trained = time.time()
     plot_runs([str(workdir)], workdir / "plots", log=log)
     images = demo_images(config.data, num_images)
+    dense = not DECODERS[config.model.decoder].multi_scale  # deformable attention has no dense maps to draw
     detect_checkpoint(None, images, workdir / "detections", workdir=str(workdir), log=log, threshold=threshold,
-                      topk=0, batch_size=config.eval.batch_size, draw_boxes=True, decoder_attention=True,
-                      encoder_pixels=[(48, 48)])
+                      topk=0, batch_size=config.eval.batch_size, draw_boxes=True, decoder_attention=dense,
+                      encoder_pixels=[(48, 48)] if dense else [])
     metrics = final_ap(workdir)
     ap = f"COCO AP {metrics['AP']:.3f} (AP50 {metrics['AP50']:.3f}, AP75 {metrics['AP75']:.3f})" if metrics else \
         "no evaluation (config.train.eval_at_end is off)"
+    drawn = ", decoder and encoder attention" if dense else ""
     log(f"\ndemo finished in {time.time() - started:.0f} s ({trained - started:.0f} s training): {ap} on the val split "
-        f"at step {metrics.get('step', '-')}\nrun folder: {workdir}\n  curves:     {workdir / 'plots'}\n"
-        f"  detections: {workdir / 'detections'} (boxes at score >= {threshold:g}, decoder and encoder attention)\n"
+        f"at step {metrics.get('step', '-')}{baseline(config)}\nrun folder: {workdir}\n"
+        f"  curves:     {workdir / 'plots'}\n"
+        f"  detections: {workdir / 'detections'} (boxes at score >= {threshold:g}{drawn})\n"
         f"  checkpoints, tensorboard/, history/, eval/ as for train.py")
     return metrics
 

@@ -15,6 +15,10 @@
 - the same terms for each auxiliary decoder layer l, suffixed ``_l`` (``loss_ce_0`` ...).
 - two-stage models (outputs with ``enc_outputs``): the same terms for the encoder's proposals,
   matched against the targets with every label 0 (class-agnostic), suffixed ``_enc``, as official.
+- denoising (outputs with ``dn_outputs``, ``detr_jax.denoising``): loss_ce, loss_bbox and loss_giou
+  of every real DN slot against its own original target, without matching, divided by the number
+  of real slots, and their class_error, suffixed ``_dn`` (``_dn_l`` for auxiliary layers; official
+  ``tgt_loss_*``, ``tgt_class_error``).
 
 ``total = sum(ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou)`` over layers
 (and the proposals).
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 
 from detr_jax import box_ops
 from detr_jax.classification import classification as classification_of
+from detr_jax.denoising import dn_targets
 from detr_jax.matching import match, stack_layers
 
 
@@ -56,7 +61,8 @@ def _layer_sums(logits, boxes, matched, targets, cfg, classification, example_va
     valid = matched >= 0
     num_boxes = targets["box_valid"].sum().astype(jnp.float32)
     target_classes = _matched_classes(matched, targets["labels"], q, classification.num_classes(logits.shape[-1]))
-    loss_ce = classification.loss_sums(logits, target_classes, example_valid, num_boxes, cfg)
+    query_valid = jnp.broadcast_to(example_valid[:, None], logits.shape[:2])
+    loss_ce = classification.loss_sums(logits, target_classes, query_valid, num_boxes, cfg)
 
     src = jnp.take_along_axis(boxes, jnp.maximum(matched, 0)[..., None], axis=1)  # [B, M, 4]
     l1 = jnp.abs(src - targets["boxes"]).sum(-1)
@@ -70,6 +76,23 @@ def _layer_sums(logits, boxes, matched, targets, cfg, classification, example_va
     return {"loss_ce": loss_ce, "loss_bbox": (jnp.where(valid, l1, 0).sum(), num_boxes),
             "loss_giou": (jnp.where(valid, 1 - giou, 0).sum(), num_boxes),
             "cardinality_error": (cardinality.sum().astype(jnp.float32), example_valid.sum().astype(jnp.float32))}
+
+
+def _denoising_layer_sums(logits, boxes, targets, cfg, classification):
+    """(numerator, denominator) of the DN terms of one decoder layer: logits [B, P, C'], boxes
+    [B, P, 4] of the DN slots, targets their own (``denoising.dn_targets``): every real slot is
+    trained towards its original label and box; the three loss terms divided by the number of real
+    slots, and class_error (top-1 errors among them, %)."""
+    valid = targets["box_valid"]
+    count = valid.sum().astype(jnp.float32)
+    target_classes = jnp.where(valid, targets["labels"], classification.num_classes(logits.shape[-1]))
+    giou = box_ops.elementwise_generalized_box_iou(box_ops.cxcywh_to_xyxy(boxes),
+                                                   box_ops.cxcywh_to_xyxy(targets["boxes"]), cfg.giou_eps)
+    slots = jnp.where(valid, jnp.arange(valid.shape[1])[None], -1)
+    return {"loss_ce": classification.loss_sums(logits, target_classes, valid, count, cfg),
+            "loss_bbox": (jnp.where(valid, jnp.abs(boxes - targets["boxes"]).sum(-1), 0).sum(), count),
+            "loss_giou": (jnp.where(valid, 1 - giou, 0).sum(), count),
+            "class_error": _class_error_sums(logits, slots, targets["labels"])}
 
 
 def _class_error_sums(logits, matched, labels):
@@ -113,6 +136,13 @@ def loss_sums(outputs, targets, loss_config, classification: str, *, method=None
         proposal_sums = _layer_sums(proposals["pred_logits"], proposals["pred_boxes"], matched_proposals, binary, cfg,
                                     kind, example_valid)
         sums.update({name + "_enc": value for name, value in proposal_sums.items()})
+    if "dn_outputs" in outputs:  # denoising queries, each trained towards its own target
+        dn_logits, dn_boxes = stack_layers(outputs["dn_outputs"], cfg.aux_loss)
+        dn = dn_targets(targets, dn_logits.shape[2])
+        for layer in range(dn_logits.shape[0]):
+            suffix = "_dn" if layer == dn_logits.shape[0] - 1 else f"_dn_{layer}"
+            layer_sums = _denoising_layer_sums(dn_logits[layer], dn_boxes[layer], dn, cfg, kind)
+            sums.update({name + suffix: value for name, value in layer_sums.items()})
     return sums
 
 
@@ -130,7 +160,7 @@ def normalise(sums, loss_config, *, axis_name=None):
     terms = {}
     for name, (numerator, denominator) in sums.items():
         denominator = norm(denominator)
-        if name == "class_error":
+        if name.startswith("class_error"):
             share_of_devices = 1.0 / norm(jnp.asarray(1.0))
             terms[name] = jnp.where(denominator > 0, 100.0 * numerator / jnp.maximum(denominator, 1.0),
                                     100.0 * share_of_devices)
@@ -142,9 +172,13 @@ def normalise(sums, loss_config, *, axis_name=None):
 
 
 def _unsuffixed(name: str) -> str:
-    """A term's name without its auxiliary layer or encoder suffix: loss_ce_0, loss_ce_enc -> loss_ce."""
+    """A term's name without its auxiliary layer, encoder or denoising suffix: loss_ce_0, loss_ce_enc,
+    loss_ce_dn, loss_ce_dn_0 -> loss_ce."""
     base, _, last = name.rpartition("_")
-    return base if last.isdigit() or last == "enc" else name
+    if last.isdigit():
+        name = base
+        base, _, last = name.rpartition("_")
+    return base if last in ("enc", "dn") else name
 
 
 def compute_loss(outputs, targets, loss_config, classification: str, *, axis_name=None, method=None):

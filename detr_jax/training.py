@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from detr_jax import checkpoint, convert, perf, periodic, pretrain, workdir_lock
+from detr_jax import checkpoint, convert, denoising, perf, periodic, pretrain, workdir_lock
 from detr_jax.errors import ConfigError
 from detr_jax.losses import compute_loss
 from detr_jax.metrics import MetricsWriter, Throughput
@@ -56,7 +56,8 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
 
     batch: this device's share of the global batch (image [b, H, W, 3], padding_mask [b, H, W],
     labels/boxes/box_valid [b, M, ...], example_valid [b]). stop_flag: int32 scalar, this host's
-    preemption request. metrics: every loss term, ``loss`` (weighted total), ``grad_norm``
+    preemption request. With ``loss_config.denoising.groups`` each step draws its noised DN queries
+    (``detr_jax.denoising``) from rng and trains on them too. metrics: every loss term, ``loss`` (weighted total), ``grad_norm``
     (trainable gradients, before clipping), ``lr``, ``finite`` (the update was applied; a non-finite
     loss or gradient leaves the parameters and optimizer state unchanged) and ``stop`` (stop_flag
     summed over every device of every host: > 0 when any host asked to stop).
@@ -68,12 +69,19 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
     def step(state, batch, rng, stop_flag=0):
         rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), jax.lax.axis_index(AXIS))
         trainable = trainable_mask(state.params, model_config)
+        targets = batch_targets(batch)
+        dn_queries = None
+        if loss_config.denoising.groups:
+            rng, dn_rng = jax.random.split(rng)
+            noise = denoising.draw_noise(dn_rng, loss_config.denoising.groups, targets["labels"].shape,
+                                         model.num_classes)
+            dn_queries = denoising.model_inputs(targets, noise, loss_config.denoising, model.num_queries, AXIS)
 
         def loss_fn(params):
             params = jax.tree.map(lambda p, keep: p if keep else jax.lax.stop_gradient(p), params, trainable)
             outputs = model.apply({"params": params, "buffers": state.buffers}, batch["image"],
-                                  batch["padding_mask"], train=True, rngs={"dropout": rng})
-            return compute_loss(outputs, batch_targets(batch), loss_config, model.classification, axis_name=AXIS)
+                                  batch["padding_mask"], train=True, rngs={"dropout": rng}, denoising=dn_queries)
+            return compute_loss(outputs, targets, loss_config, model.classification, axis_name=AXIS)
 
         (share, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grads = jax.lax.psum(grads, AXIS)

@@ -18,6 +18,7 @@ from detr_jax.data.transforms import EXIF_POLICIES
 from detr_jax.errors import ConfigError
 from detr_jax.matching import METHODS as MATCHERS
 from detr_jax.models.conv import CONV_IMPLS
+from detr_jax.models.decoders import DECODERS as DECODER_ENTRIES
 from detr_jax.models.resnet import BACKBONES, NORMS as BACKBONE_NORMS
 from detr_jax.optim import SCHEDULES
 
@@ -59,11 +60,13 @@ FIELDS = {
         position_embedding=one_of(*POSITION_EMBEDDINGS), backbone=one_of(*BACKBONES, "custom"),
         backbone_norm=one_of(*BACKBONE_NORMS), frozen_stages=integer(-1, 4), dtype=one_of(*DTYPES),
         attention=one_of(*ATTENTIONS), remat=one_of(*REMATS), padding=one_of(*PADDINGS),
-        conv_impl=one_of(*CONV_IMPLS), with_box_refine=BOOL, two_stage=BOOL, msda_impl=one_of(*MSDA_IMPLS)),
+        conv_impl=one_of(*CONV_IMPLS), with_box_refine=BOOL, two_stage=BOOL, msda_impl=one_of(*MSDA_IMPLS),
+        num_feature_levels=one_of(1, 4), label_embedding=BOOL),
     "loss": dict(
         cost_class=WEIGHT, cost_bbox=WEIGHT, cost_giou=WEIGHT, ce_weight=WEIGHT, bbox_weight=WEIGHT,
         giou_weight=WEIGHT, eos_coef=number(0, 1, low_open=True), matcher=one_of(*MATCHERS),
         focal_alpha=PROBABILITY, focal_gamma=WEIGHT, giou_eps=WEIGHT),
+    "loss.denoising": dict(groups=COUNT, label_noise=PROBABILITY, box_noise=WEIGHT),
     "data": dict(
         source=one_of(*SOURCES), eval_split=one_of(*SPLITS), label_mapping=one_of(*LABEL_MAPPINGS),
         unknown_category=one_of(*UNKNOWN_CATEGORY_POLICIES), exif=one_of(*EXIF_POLICIES),
@@ -125,6 +128,13 @@ def relation_problems(config) -> list[str]:
         if get(f"model.{field}") and decoder != "deformable":
             problems.append(f"config.model.{field} = True: expected config.model.decoder = 'deformable' (Deformable "
                             f"DETR's option; the decoder is {decoder!r})")
+    if get("model.label_embedding") and decoder in DECODER_ENTRIES and not DECODER_ENTRIES[decoder].label_embedding:
+        supported = ", ".join(name for name, entry in DECODER_ENTRIES.items() if entry.label_embedding)
+        problems.append(f"config.model.label_embedding = True: decoder {decoder!r} does not take DN-DETR's label "
+                        f"embedding; decoders that do: {supported}")
+    if get("loss.denoising.groups") and not get("model.label_embedding"):
+        problems.append(f"config.loss.denoising.groups = {get('loss.denoising.groups')}: denoising needs "
+                        "config.model.label_embedding = True (the DN queries' content is their label's embedding)")
     if decoder == "deformable" and get("model.backbone") == "custom":
         problems.append("config.model.backbone = 'custom': decoder 'deformable' needs a named ResNet (it reads its "
                         "last three stages)")

@@ -70,6 +70,19 @@ def reference_outputs(ref, suffix=""):
                              "pred_boxes": ref["aux_pred_boxes" + suffix][l]} for l in range(5)]}
 
 
+def assert_official_matching(matched, ref):
+    """matched [L, B, M] (``detr_jax.matching.match``): every layer's (query, target) pairs equal the
+    reference's ``match/L{l}/img{i}_src`` and ``_tgt``."""
+    import numpy as np
+
+    from detr_jax.matching import index_pairs
+
+    for layer in range(matched.shape[0]):
+        for i, (src, tgt) in enumerate(index_pairs(matched[layer])):
+            np.testing.assert_array_equal(src, ref[f"match/L{layer}/img{i}_src"], err_msg=f"L{layer} img{i}")
+            np.testing.assert_array_equal(tgt, ref[f"match/L{layer}/img{i}_tgt"], err_msg=f"L{layer} img{i}")
+
+
 def reference_targets(ref, max_boxes=6):
     """The reference's 5 + 3 targets padded to ``max_boxes`` columns (labels, boxes, box_valid)."""
     import numpy as np

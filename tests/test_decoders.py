@@ -12,13 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, assert_official_matching, tiny_config
 from detr_jax import build_model, checkpoint, convert
 from detr_jax.classification import FOCAL_PRIOR
 from detr_jax.config import loss_config, model_config
 from detr_jax.evaluation.postprocess import postprocess
 from detr_jax.losses import compute_loss
-from detr_jax.matching import index_pairs, match
+from detr_jax.matching import match
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 sys.path.insert(0, os.path.dirname(__file__))
@@ -88,11 +88,7 @@ def test_every_layer_matches_the_official_model(official):
 def test_matcher_losses_and_postprocess_match_the_official_code(official):
     ref, cfg, loss_cfg, _, outputs, _ = official
     targets = reference_targets(ref)
-    matched = np.asarray(match(outputs, targets, loss_cfg, cfg.classification))
-    for layer in range(matched.shape[0]):
-        for i, (src, tgt) in enumerate(index_pairs(matched[layer])):
-            np.testing.assert_array_equal(src, ref[f"match/L{layer}/img{i}_src"], err_msg=f"L{layer} img{i}")
-            np.testing.assert_array_equal(tgt, ref[f"match/L{layer}/img{i}_tgt"], err_msg=f"L{layer} img{i}")
+    assert_official_matching(np.asarray(match(outputs, targets, loss_cfg, cfg.classification)), ref)
     total, terms = compute_loss(outputs, targets, loss_cfg, cfg.classification)
     official_terms = {k[len("loss/"):]: float(v) for k, v in ref.items() if k.startswith("loss/")
                       and not k.startswith(("loss/loss_xy", "loss/loss_hw"))}  # DAB's logging-only L1 split
@@ -182,11 +178,12 @@ def test_focal_model_head_and_exact_padding(decoder):
         np.testing.assert_allclose(references[:, i], alone_references[:, 0], rtol=0, atol=2e-6)
 
 
-@pytest.mark.parametrize("decoder", ["dab", "deformable_two_stage"])
+@pytest.mark.parametrize("decoder", ["dn_dab", "deformable_two_stage"])
 def test_a_tiny_focal_run_trains_evaluates_and_detects(decoder, tmp_path):
     """What train.py and detect do, in process (their command lines are tested on the DETR decoder):
     the synthetic :DECODER_tiny config trained 2 steps and evaluated at the end (COCO AP and the val
-    loss of the focal model; two-stage Deformable DETR's proposal terms too), then its checkpoint
+    loss of the focal model; two-stage Deformable DETR's proposal terms too; DN-DAB-DETR trains its
+    denoising terms, which evaluation, without denoising queries, does not have), then its checkpoint
     detects on a val image, with the decoder attention where the model has a dense one (Deformable
     DETR's sampled attention is refused by name before any work)."""
     from configs.synthetic import get_config
@@ -201,10 +198,13 @@ def test_a_tiny_focal_run_trains_evaluates_and_detects(decoder, tmp_path):
     (evaluation,) = [json.loads(line) for line in (tmp_path / "run" / "history" / "eval.jsonl").read_text().splitlines()]
     assert 0 <= evaluation["AP"] <= 1 and evaluation["val_loss_ce"] > 0
     assert ("val_loss_ce_enc" in evaluation) == decoder.endswith("two_stage")
+    assert not any("_dn" in key for key in evaluation)
+    trained = json.loads((tmp_path / "run" / "history" / "train.jsonl").read_text().splitlines()[-1])
+    assert ("loss_ce_dn" in trained and "loss_giou_dn_0" in trained) == decoder.startswith("dn_")
     detect = lambda out, attention: detect_checkpoint(
         None, str(tmp_path / "data" / "val" / "000001.jpg"), tmp_path / out, workdir=tmp_path / "run", threshold=0.0,
         topk=7, decoder_attention=attention, log=lambda _: None)
-    dense_attention = decoder == "dab"
+    dense_attention = decoder == "dn_dab"
     if not dense_attention:
         with pytest.raises(UsageError, match="attention maps need dense attention"):
             detect("refused", True)

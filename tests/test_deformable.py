@@ -372,3 +372,23 @@ def test_convert_round_trips_the_official_layout_and_refuses_a_broken_alias(offi
     assert (saved_config.decoder, saved_config.with_box_refine, saved_config.two_stage) == ("deformable", True, True)
     for a, b in zip(jax.tree_util.tree_leaves(saved), jax.tree_util.tree_leaves(variables)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_single_scale_has_the_official_layout_and_runs():
+    """num_feature_levels = 1 (official ``--num_feature_levels 1``): C5 alone through input_proj.0
+    (1x1 conv + GroupNorm), one level embedding, sampling offsets and weights for one level."""
+    cfg = model_config(decoder="deformable", classification="sigmoid_focal", num_queries=300, ffn_dim=1024,
+                       num_feature_levels=1)
+    shapes = {leaf.key: leaf.shape for leaf in convert.model_leaves(cfg)}  # Flax shapes (HWIO, in x out)
+    assert {k: v for k, v in shapes.items() if k.startswith("input_proj.")} == {
+        "input_proj.0.0.weight": (1, 1, 2048, 256), "input_proj.0.0.bias": (256,),
+        "input_proj.0.1.weight": (256,), "input_proj.0.1.bias": (256,)}
+    assert shapes["transformer.level_embed"] == (1, 256)
+    assert shapes["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"] == (256, 8 * 1 * 4 * 2)
+    assert shapes["transformer.decoder.layers.0.cross_attn.attention_weights.weight"] == (256, 8 * 1 * 4)
+    model, variables = tiny_deformable_model(num_feature_levels=1, two_stage=False)
+    image, mask = canvas_batch([np.ones((64, 96, 3), np.float32)], (64, 96))
+    outputs, state = model.apply(variables, image, mask, mutable=["intermediates"])
+    assert outputs["pred_boxes"].shape == (1, 12, 4) and np.isfinite(outputs["pred_logits"]).all()
+    (mask,) = state["intermediates"]["feature_mask"]  # one level: sown as an array
+    assert mask.shape == (1, 2, 3)  # stride 32

@@ -401,3 +401,18 @@ def test_non_contiguous_category_ids_round_trip(tmp_path, mapping):
     swapped = evaluate(Oracle(labels[1:] + labels[:1], info.num_classes), {}, cfg, batch_size=3, source=source,
                        log=None)
     assert swapped["AP"] == 0.0
+
+
+def test_val_loss_with_the_device_matcher_is_the_host_matchers(setup):
+    """The val loss matches inside shard_map: the device matcher's lax loops compile there (they once
+    failed shard_map's type check) and give the host matcher's sums."""
+    cfg, model, variables, source = setup
+    first = next(iter(eval_batches(cfg, 4, source=source)))
+    sums = {}
+    for matcher in ("host", "device"):
+        predict = inference.predictor(model, 0, loss_config=loss_config(matcher=matcher))
+        (_, output), = inference.run_batches(predict, variables, [first], local_mesh())
+        sums[matcher] = jax.tree.map(np.asarray, output["loss_sums"])
+    assert sums["host"]["loss_bbox"][1] > 0  # boxes were matched
+    for name, value in sums["host"].items():
+        np.testing.assert_allclose(sums["device"][name], value, rtol=1e-5, err_msg=name)

@@ -16,13 +16,13 @@ LAYERS = [
      "workdir_lock"],
     ["models", "models.*", "detr_jax"],  # the package itself re-exports the model
     ["data", "data.*"],
-    ["matching", "losses", "optim"],
+    ["matching", "denoising", "losses", "optim"],
     ["validation"],
     ["checkpoint", "convert"],
     ["evaluation", "evaluation.*"],
     ["periodic", "pretrain", "training"],
     ["visualize", "visualize.*"],
-    ["demo", "detect", "plot_runs"],
+    ["demo", "detect", "plot_runs", "study"],
 ]
 
 

@@ -48,7 +48,7 @@ MISTAKES = [
      "error: the config has 2 problems:"),
     ("an unknown variant", ["--config=configs/synthetic.py:tiniest"],
      "error: flag --config=configs/synthetic.py:tiniest: ValueError: configs/synthetic.py: unknown variant 'tiniest'; "
-     "expected [DECODER_]VARIANT with DECODER one of detr, conditional, dab, deformable, deformable_refine, "
+     "expected [DECODER_]VARIANT with DECODER one of detr, conditional, dab, dn_dab, deformable, deformable_refine, "
      "deformable_two_stage and VARIANT one of demo, tiny, overfit"),
     ("an unknown flag", ["--work_dir=/tmp"], "error: Unknown command line flag 'work_dir'"),
     ("a bucket off the stride", ["--config.data.buckets=((100, 128),)"],

@@ -42,8 +42,9 @@ class ConditionalDecoderLayer(_Block):
     works, through ``_Block.residual``)."""
 
     @nn.compact
-    def __call__(self, tgt, memory, pos, query_pos, query_sine_embed, mask, is_first: bool, train: bool):
-        """tgt, query_pos, query_sine_embed [B, Q, d]; memory, pos [B, N, d]; mask [B, N] -> [B, Q, d]."""
+    def __call__(self, tgt, memory, pos, query_pos, query_sine_embed, mask, is_first: bool, train: bool, self_mask):
+        """tgt, query_pos, query_sine_embed [B, Q, d]; memory, pos [B, N, d]; mask [B, N]; self_mask: the
+        self-attention's key mask [B, Q] or attention mask [B, Q, Q] (True = blocked) -> [B, Q, d]."""
         d = tgt.shape[-1]
         linear = lambda name: dense(d, d, self.dtype, name, xavier_uniform)
         attention = lambda name: self.attention(name, project=False)
@@ -51,7 +52,7 @@ class ConditionalDecoderLayer(_Block):
         def self_attention(x):
             q = linear("sa_qcontent_proj")(x) + linear("sa_qpos_proj")(query_pos)
             k = linear("sa_kcontent_proj")(x) + linear("sa_kpos_proj")(query_pos)
-            return attention("self_attn")(q, k, linear("sa_v_proj")(x), jnp.zeros(tgt.shape[:2], bool), train)
+            return attention("self_attn")(q, k, linear("sa_v_proj")(x), self_mask, train)
 
         def cross_attention(x):
             q, k = linear("ca_qcontent_proj")(x), linear("ca_kcontent_proj")(memory)
@@ -89,7 +90,7 @@ class ConditionalTransformer(EncoderDecoder):
         for i in range(self.num_decoder_layers):
             query_sine_embed = sine if i == 0 else sine * query_scale(tgt)
             tgt = decoder_layer(**self.block(), name=f"decoder_layers_{i}")(
-                tgt, memory, pos, query_pos, query_sine_embed, mask, i == 0, train)
+                tgt, memory, pos, query_pos, query_sine_embed, mask, i == 0, train, jnp.zeros(tgt.shape[:2], bool))
             hs.append(decoder_norm(tgt))
         return jnp.stack(hs), jnp.broadcast_to(reference, (len(hs), *reference.shape)), memory, None
 
@@ -101,21 +102,29 @@ class DABTransformer(EncoderDecoder):
     """DAB-DETR's encoder-decoder. queries: ``refpoint_embed`` [Q, 4], anchors before the sigmoid."""
 
     @nn.compact
-    def __call__(self, src, pos, mask, spatial_shapes, queries, class_heads, box_heads, train: bool):
+    def __call__(self, src, pos, mask, spatial_shapes, queries, class_heads, box_heads, train: bool, content=None):
         """The decoder contract (``detr_jax.models.decoders``); box_heads: the model's box MLP, one
-        module shared by every layer (official ``transformer.decoder.bbox_embed``).
-        -> (hs [L, B, Q, d] after the final decoder norm, anchors [L, B, Q, 4] (x, y, w, h) in
-        (0, 1) that each layer started from, memory [B, N, d], None)."""
+        module shared by every layer (official ``transformer.decoder.bbox_embed``); content: None
+        (content queries start at 0, DAB-DETR) or DN-DETR's ({"content" [B, P + Q, d], "anchors"
+        [B, P, 4] before the sigmoid, "mask" [B, P + Q, P + Q] or None}, ``DETR.content_queries``):
+        P denoising queries first, then the Q matching queries.
+        -> (hs [L, B, P + Q, d] after the final decoder norm, anchors [L, B, P + Q, 4] (x, y, w, h)
+        in (0, 1) that each layer started from, memory [B, N, d], None)."""
         del spatial_shapes, class_heads  # one level, read as a sequence
         d, b = src.shape[-1], src.shape[0]
         memory = self.encode(src, pos, mask, train, pos_scale=MLP(d, d, 2, self.dtype, name="encoder_query_scale"))
-        anchor = jax.nn.sigmoid(jnp.broadcast_to(queries.astype(jnp.float32), (b, *queries.shape)))
+        anchor = jnp.broadcast_to(queries.astype(jnp.float32), (b, *queries.shape))
+        tgt = jnp.zeros((b, queries.shape[0], d), self.dtype)
+        if content is not None:
+            anchor = jnp.concatenate([content["anchors"].astype(jnp.float32), anchor], axis=1)
+            tgt = content["content"].astype(self.dtype)
+        self_mask = jnp.zeros(tgt.shape[:2], bool) if content is None or content["mask"] is None else content["mask"]
+        anchor = jax.nn.sigmoid(anchor)
         ref_point_head = MLP(d, d, 2, self.dtype, name="decoder_ref_point_head")
         query_scale = MLP(d, d, 2, self.dtype, name="decoder_query_scale")
         ref_anchor_head = MLP(d, 2, 2, self.dtype, name="decoder_ref_anchor_head")
         decoder_layer = self.layer(ConditionalDecoderLayer, (7, 8))
         decoder_norm = make_norm(self.norm, self.dtype, "decoder_norm")
-        tgt = jnp.zeros((b, queries.shape[0], d), self.dtype)
         hs, anchors = [], [anchor]
         for i in range(self.num_decoder_layers):
             sine = sine_embed_points(anchor, d // 2)  # [B, Q, 2 d]: y, x, w, h
@@ -125,7 +134,7 @@ class DABTransformer(EncoderDecoder):
             spatial = jnp.concatenate([spatial[..., :d // 2] * (ratio[..., 1] / anchor[..., 3])[..., None],
                                        spatial[..., d // 2:] * (ratio[..., 0] / anchor[..., 2])[..., None]], axis=-1)
             tgt = decoder_layer(**self.block(), name=f"decoder_layers_{i}")(
-                tgt, memory, pos, query_pos, spatial.astype(self.dtype), mask, i == 0, train)
+                tgt, memory, pos, query_pos, spatial.astype(self.dtype), mask, i == 0, train, self_mask)
             refined = jax.nn.sigmoid(box_heads[i](tgt.astype(jnp.float32))
                                      + inverse_sigmoid(anchor, DAB_INVERSE_SIGMOID_EPS))
             if i < self.num_decoder_layers - 1:

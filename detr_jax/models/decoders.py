@@ -26,6 +26,10 @@ and returns ``(hs, references, memory, encoder_outputs)``:
 - encoder_outputs: None, or (two-stage) {"pred_logits" [B, N, C'], "pred_boxes" [B, N, 4]}: the
   encoder's proposals, trained as the official ``enc_outputs`` (every target labelled 0).
 
+A decoder whose entry has ``label_embedding`` also takes ``content=`` (DN-DETR's content queries
+and denoising queries, ``DETR.content_queries``): P denoising queries come before the Q matching
+queries in hs and references, and the model returns their predictions as ``dn_outputs``.
+
 The heads then compute ``logits = class_embed_l(hs[l])`` and
 ``boxes = sigmoid(bbox_embed_l(hs[l]) + inverse_sigmoid(references[l], reference_eps))``, the inverse
 sigmoid added to the first R box coordinates (``detr_jax.models.detr``).
@@ -46,17 +50,20 @@ class Decoder:
     reference_eps: float | None  # the heads' inverse-sigmoid eps; None: absolute boxes
     position_temperature: float = 10000.0  # of the features' sine position embedding
     position_offset: float = 0.0  # subtracted from the cumulative cell count (Deformable DETR: 0.5)
-    multi_scale: bool = False  # 4 levels (C3, C4, C5 and a stride-64 conv), conv + GroupNorm projections
+    multi_scale: bool = False  # levels (C3, C4, C5, a stride-64 conv; or C5 alone) with conv + GroupNorm projections
     module_fields: tuple[str, ...] = ()  # config.model fields the module takes as its own
     indexed_heads: bool = False  # heads named per layer (class_embed_0 ...) even when shared, as official
+    label_embedding: bool = False  # takes DN-DETR's content queries (``content=``): label embedding and denoising
 
 
 DECODERS = {
     "detr": Decoder(DETRTransformer, "query_embed", lambda d: d, None),
     "conditional": Decoder(ConditionalTransformer, "query_embed", lambda d: d, 1e-5),
-    "dab": Decoder(DABTransformer, "refpoint_embed", lambda d: 4, DAB_INVERSE_SIGMOID_EPS, position_temperature=20.0),
+    "dab": Decoder(DABTransformer, "refpoint_embed", lambda d: 4, DAB_INVERSE_SIGMOID_EPS, position_temperature=20.0,
+                   label_embedding=True),
     "deformable": Decoder(DeformableTransformer, "query_embed", lambda d: 2 * d, INVERSE_SIGMOID_EPS,
                           position_offset=0.5, multi_scale=True,
-                          module_fields=("with_box_refine", "two_stage", "num_queries", "msda_impl", "padding"),
+                          module_fields=("with_box_refine", "two_stage", "num_queries", "msda_impl", "padding",
+                                         "num_feature_levels"),
                           indexed_heads=True),
 }

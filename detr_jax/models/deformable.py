@@ -263,7 +263,7 @@ class DeformableTransformer(EncoderDecoder):
     proposals give the queries (``queries`` is None; the heads have one more entry, the proposals').
     ``padding`` "exact": the proposals on padding are never among the top Q (official: they
     compete with the score of a zero memory)."""
-    num_levels: int = 4
+    num_feature_levels: int = 4
     num_points: int = 4
     with_box_refine: bool = False
     two_stage: bool = False
@@ -276,13 +276,14 @@ class DeformableTransformer(EncoderDecoder):
         """-> (hs [L, B, Q, d], references: L arrays [B, Q, 2 or 4] that layer l's boxes are relative
         to, memory [B, N, d], encoder outputs {"pred_logits" [B, N, C], "pred_boxes" [B, N, 4]} or None)."""
         d, b = src.shape[-1], src.shape[0]
-        if len(spatial_shapes) != self.num_levels:
-            raise ValueError(f"deformable transformer: {len(spatial_shapes)} feature levels, expected {self.num_levels}")
-        level_embed = self.param("level_embed", nn.initializers.normal(1.0), (self.num_levels, d))
-        level_of_token = np.repeat(np.arange(self.num_levels), [h * w for h, w in spatial_shapes])
+        levels = self.num_feature_levels
+        if len(spatial_shapes) != levels:
+            raise ValueError(f"deformable transformer: {len(spatial_shapes)} feature levels, expected {levels}")
+        level_embed = self.param("level_embed", nn.initializers.normal(1.0), (levels, d))
+        level_of_token = np.repeat(np.arange(levels), [h * w for h, w in spatial_shapes])
         pos = pos + level_embed[level_of_token].astype(pos.dtype)[None]
         ratios = valid_ratios(mask, spatial_shapes)
-        layer_args = dict(**self.block(), num_levels=self.num_levels, num_points=self.num_points,
+        layer_args = dict(**self.block(), num_levels=levels, num_points=self.num_points,
                           msda_impl=self.msda_impl)
 
         encoder_layer = self.layer(DeformableEncoderLayer, (5, 6))  # spatial_shapes, train
@@ -328,7 +329,7 @@ class DeformableTransformer(EncoderDecoder):
         score = logits[..., 0]
         if score.shape[1] < self.num_queries:
             raise ValueError(f"two-stage Deformable DETR keeps num_queries = {self.num_queries} proposals, but these "
-                             f"images give only {score.shape[1]} feature cells over the 4 levels: use larger images "
+                             f"images give only {score.shape[1]} feature cells over the {len(spatial_shapes)} levels: use larger images "
                              "or fewer queries (config.model.num_queries)")
         if self.padding == "exact":  # an image's proposals do not depend on its canvas
             score = jnp.where(mask, -jnp.inf, score)

@@ -13,7 +13,8 @@ DETR, Conditional DETR, DAB-DETR).
 
 With ``mutable=["intermediates"]`` it also sows backbone_features [B, h, w, C], feature_mask
 [B, h, w], pos [B, h, w, d], proj_src [B, h, w, d], memory [B, h, w, d], hs [L, B, Q, d] and, for
-decoders with references, references [L, B, Q, R].
+decoders with references, references [L, B, Q, R]; with ``label_embedding``, query_content
+[B, P + Q, d] (``content_queries``).
 With ``mutable=["attention"]`` every attention module sows its softmax weights [B, heads, Lq, Lk]
 (``detr_jax.models.attention_maps`` reads the last layers' maps out of them).
 """
@@ -125,9 +126,13 @@ class DETR(nn.Module):
     with_box_refine: bool = False  # Deformable DETR
     two_stage: bool = False  # Deformable DETR
     msda_impl: str = "gather"  # Deformable DETR, detr_jax.models.deformable.MSDA_IMPLS
+    num_feature_levels: int = 4  # Deformable DETR: 4 (C3..C5 and a stride-64 conv) or 1 (C5)
+    label_embedding: bool = False  # DN-DETR: content queries embed a label (``label_enc``); see ``content_queries``
 
     @nn.compact
-    def __call__(self, images, padding_mask, train: bool = False):
+    def __call__(self, images, padding_mask, train: bool = False, denoising=None):
+        """denoising: None, or (training with ``config.loss.denoising``) the noised DN queries of
+        ``detr_jax.denoising.model_inputs``; their predictions come back as ``dn_outputs``."""
         check_inputs(images, padding_mask)
         check_padding(self.padding, self.backbone)
         decoder = DECODERS[self.decoder]
@@ -147,22 +152,27 @@ class DETR(nn.Module):
             decoder.query_param, nn.initializers.normal(1.0), (self.num_queries, decoder.query_width(d)))
         class_heads, box_heads = self.heads(decoder)
         fields = {name: getattr(self, name) for name in decoder.module_fields}
+        content = {"content": self.content_queries(decoder, b, denoising)} if self.label_embedding else {}
+        if denoising is not None and not self.label_embedding:
+            raise ValueError("denoising queries need the model's label embedding (config.model.label_embedding = True)")
         hs, references, memory, encoder_outputs = decoder.module(
             num_heads=self.num_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
             activation=self.activation, norm=self.norm, ffn_type=self.ffn_type, pre_norm=self.pre_norm,
             dtype=self.dtype, attention_impl=self.attention, num_encoder_layers=self.num_encoder_layers,
             num_decoder_layers=self.num_decoder_layers, remat=self.remat_transformer, name="transformer", **fields,
         )(flat([src for src, _ in levels]), flat(pos).astype(self.dtype), flat(masks),
-          tuple(mask.shape[1:] for mask in masks), queries, class_heads, box_heads, train)
+          tuple(mask.shape[1:] for mask in masks), queries, class_heads, box_heads, train, **content)
 
         # the heads run in float32 whatever the compute dtype
         logits, boxes = heads(hs.astype(jnp.float32), references, class_heads, box_heads, decoder.reference_eps)
+        num_dn = 0 if denoising is None else denoising["labels"].shape[1]
+        dn_logits, dn_boxes, logits, boxes = logits[:, :, :num_dn], boxes[:, :, :num_dn], logits[:, :, num_dn:], boxes[:, :, num_dn:]
         one = lambda xs: xs[0] if len(xs) == 1 else xs  # single-scale models sow arrays, multi-scale lists
         if len(levels) == 1:
             memory = memory.reshape(masks[0].shape + (d,))
         for name, value in (("backbone_features", features), ("feature_mask", one(masks)), ("pos", one(pos)),
                             ("proj_src", one([src for src, _ in levels])), ("memory", memory), ("hs", hs),
-                            ("references", references)):
+                            ("references", references), ("query_content", content.get("content", {}).get("content"))):
             if value is None:
                 continue
             self.sow("intermediates", name, value)
@@ -173,7 +183,29 @@ class DETR(nn.Module):
         }
         if encoder_outputs is not None:
             outputs["enc_outputs"] = {k: v.astype(jnp.float32) for k, v in encoder_outputs.items()}
+        if num_dn:
+            outputs["dn_outputs"] = {
+                "pred_logits": dn_logits[-1], "pred_boxes": dn_boxes[-1],
+                "aux_outputs": [{"pred_logits": l, "pred_boxes": x} for l, x in zip(dn_logits[:-1], dn_boxes[:-1])]}
         return outputs
+
+    def content_queries(self, decoder, batch: int, denoising):
+        """DN-DETR's content queries: {"content" [B, P + Q, d], "anchors" [B, P, 4] (before the
+        sigmoid), "mask" [B, P + Q, P + Q] or None} for the decoder (P = 0 without ``denoising``).
+        ``label_enc`` [num_classes + 1, d - 1] embeds a label, and an indicator column is appended:
+        the Q matching queries are the embedding of num_classes (no label) with indicator 0; a DN
+        slot is its noised label's embedding with indicator 1 and anchor inverse_sigmoid(noised box),
+        a slot without a target (image with fewer) content 0 and anchor logit 0, as official."""
+        d = self.hidden_dim
+        label_enc = self.param("label_enc", nn.initializers.normal(1.0), (self.num_classes + 1, d - 1))
+        matching = jnp.broadcast_to(jnp.append(label_enc[self.num_classes], 0.0), (batch, self.num_queries, d))
+        if denoising is None:
+            return {"content": matching.astype(self.dtype), "anchors": jnp.zeros((batch, 0, 4)), "mask": None}
+        valid = denoising["valid"][..., None]
+        embedded = jnp.concatenate([label_enc[denoising["labels"]], jnp.ones((*denoising["labels"].shape, 1))], -1)
+        anchors = inverse_sigmoid(denoising["boxes"], decoder.reference_eps)
+        return {"content": jnp.concatenate([jnp.where(valid, embedded, 0.0), matching], axis=1).astype(self.dtype),
+                "anchors": jnp.where(valid, anchors, 0.0), "mask": denoising["mask"]}
 
     def heads(self, decoder):
         """(class heads, box heads): one per decoder layer, plus the proposals' for two-stage; one
@@ -209,19 +241,23 @@ class DETR(nn.Module):
         return features, [(src, mask)]
 
     def multi_scale(self, images, padding_mask):
-        """-> (backbone features [C3, C4, C5], [(src [B, h, w, d], mask [B, h, w])] for C3, C4, C5
-        (strides 8, 16, 32; 1x1 conv + GroupNorm(32), ``input_proj_{l}``) and a 3x3 stride-2 conv
-        + GroupNorm of C5 (stride 64), as official Deformable DETR. With "exact" padding the
-        GroupNorm statistics are taken over each image's valid region."""
-        if not isinstance(self.backbone, ResNet) or self.backbone.num_outputs != 3:
-            raise ValueError(f"decoder {self.decoder!r} needs a named ResNet backbone giving its last three stages "
-                             "(build_model builds it); a custom backbone cannot be used")
+        """-> (backbone features [C3, C4, C5] or [C5], [(src [B, h, w, d], mask [B, h, w])] per level), as
+        official Deformable DETR: ``num_feature_levels`` 4: C3, C4, C5 (strides 8, 16, 32; 1x1 conv +
+        GroupNorm(32), ``input_proj_{l}``) and a 3x3 stride-2 conv + GroupNorm of C5 (stride 64);
+        1: C5 alone through the 1x1 conv + GroupNorm. With "exact" padding the GroupNorm statistics
+        are taken over each image's valid region."""
+        stages = 1 if self.num_feature_levels == 1 else 3
+        if not isinstance(self.backbone, ResNet) or self.backbone.num_outputs != stages:
+            raise ValueError(f"decoder {self.decoder!r} with {self.num_feature_levels} feature levels needs a named "
+                             f"ResNet backbone giving its last {stages} stage(s) (build_model builds it); a custom "
+                             "backbone cannot be used")
         exact = self.padding == "exact"
         valid_hw = image_valid_hw(padding_mask) if exact else None
         features = self.backbone(images.astype(self.dtype), valid_hw)
+        features = list(features) if stages > 1 else [features]
         depth = len(self.backbone.spec.depths)
-        level_hw = [self.backbone.stage_valid_hw(valid_hw, s) for s in range(depth - 2, depth + 1)] if exact else [None] * 3
-        level_hw.append(halve(level_hw[-1]))
+        level_hw = ([self.backbone.stage_valid_hw(valid_hw, s) for s in range(depth - stages + 1, depth + 1)] if exact
+                    else [None] * stages)
 
         def project(x, hw, kernel, stride, level):
             conv = nn.Conv(self.hidden_dim, (kernel, kernel), stride, padding=[(kernel // 2, kernel // 2)] * 2,
@@ -233,7 +269,8 @@ class DETR(nn.Module):
             return y, mask
 
         levels = [project(x, hw, 1, 1, level) for level, (x, hw) in enumerate(zip(features, level_hw))]
-        levels.append(project(features[-1], level_hw[-1], 3, 2, len(levels)))
+        if self.num_feature_levels > stages:
+            levels.append(project(features[-1], halve(level_hw[-1]), 3, 2, len(levels)))
         return features, levels
 
 
@@ -242,7 +279,8 @@ def init_inputs(model_config):
     not depend on the size): S = 64, or for a two-stage model the smallest multiple of 64 whose
     feature levels (strides 8 to 64) hold at least num_queries proposals."""
     side = 64
-    while model_config.two_stage and sum((-(-side // s)) ** 2 for s in (8, 16, 32, 64)) < model_config.num_queries:
+    strides = (32,) if model_config.num_feature_levels == 1 else (8, 16, 32, 64)
+    while model_config.two_stage and sum((-(-side // s)) ** 2 for s in strides) < model_config.num_queries:
         side += 64
     return jnp.zeros((1, side, side, 3)), jnp.zeros((1, side, side), bool)
 
@@ -268,7 +306,7 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         conv_impl = resolve_conv_impl(cfg.conv_impl, BACKBONES[cfg.backbone].block)
         backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, norm=cfg.backbone_norm, dtype=dtype,
                           remat=cfg.remat in ("backbone", "all"), conv_impl=conv_impl,
-                          num_outputs=3 if DECODERS[cfg.decoder].multi_scale else 1)
+                          num_outputs=3 if DECODERS[cfg.decoder].multi_scale and cfg.num_feature_levels > 1 else 1)
     check_padding(cfg.padding, backbone)
     return DETR(
         backbone=backbone, num_classes=cfg.num_classes, classification=cfg.classification, decoder=cfg.decoder,
@@ -279,6 +317,7 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         position_embedding=cfg.position_embedding, dtype=dtype, attention=cfg.attention,
         remat_transformer=cfg.remat in ("transformer", "all"), padding=cfg.padding,
         with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage, msda_impl=cfg.msda_impl,
+        num_feature_levels=cfg.num_feature_levels, label_embedding=cfg.label_embedding,
     )
 
 

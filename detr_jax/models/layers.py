@@ -147,11 +147,16 @@ def fused_implementation(platform: str, dtype, head_dim: int, kv_len: int, q_len
     return "cudnn" if supported else "xla"
 
 
+def _blocked(mask):
+    """A key padding mask [B, Lk] or an attention mask [B, Lq, Lk] (True = blocked) -> [B, 1, 1 or Lq, Lk]."""
+    return mask[:, None, None, :] if mask.ndim == 2 else mask[:, None]
+
+
 class MultiHeadAttention(nn.Module):
     """torch ``nn.MultiheadAttention`` semantics with separate q/k/v projections.
 
-    query [B, Lq, d], key [B, Lk, d], value [B, Lk, d], key_padding_mask [B, Lk] (True = ignore)
-    -> [B, Lq, d]. Softmax in float32; dropout on the attention weights when training.
+    query [B, Lq, d], key [B, Lk, d], value [B, Lk, d], key_padding_mask [B, Lk] (True = ignore),
+    or [B, Lq, Lk] to block keys per query (DN-DETR's attention mask) -> [B, Lq, d]. Softmax in float32; dropout on the attention weights when training.
     With ``mutable=["attention"]`` the softmax weights [B, heads, Lq, Lk] (before dropout, 0 on
     padded keys) are sown as ``weights``; without it (and in ``init``) nothing is sown.
 
@@ -201,7 +206,7 @@ class MultiHeadAttention(nn.Module):
     def explicit(self, q, k, v, key_padding_mask, train):
         """The reference path: q, k, v [B, L, heads, head_dim] -> [B, Lq, heads, head_dim]."""
         logits = jnp.einsum("bqhc,bkhc->bhqk", q * q.shape[-1] ** -0.5, k, preferred_element_type=jnp.float32)
-        logits = jnp.where(key_padding_mask[:, None, None, :], jnp.finfo(jnp.float32).min, logits)
+        logits = jnp.where(_blocked(key_padding_mask), jnp.finfo(jnp.float32).min, logits)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         if not self.is_initializing():  # init returns variables only (it makes every collection mutable)
             self.sow("attention", "weights", weights)  # [B, heads, Lq, Lk]; only with mutable=["attention"]
@@ -211,6 +216,6 @@ class MultiHeadAttention(nn.Module):
     def fused(self, q, k, v, key_padding_mask, train):
         """``jax.nn.dot_product_attention``: same shapes as ``explicit``, no attention dropout."""
         (b, q_len, _, head_dim), kv_len = q.shape, k.shape[1]
-        mask = jnp.broadcast_to(~key_padding_mask[:, None, None, :], (b, 1, q_len, kv_len))  # True = attend
+        mask = jnp.broadcast_to(~_blocked(key_padding_mask), (b, 1, q_len, kv_len))  # True = attend
         implementation = fused_implementation(jax.default_backend(), self.dtype, head_dim, kv_len, q_len, train)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)

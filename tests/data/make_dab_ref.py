@@ -87,6 +87,7 @@ dab_r50.npz:
 """
 import argparse
 import contextlib
+import importlib
 import sys
 import types
 from pathlib import Path
@@ -116,8 +117,9 @@ STUBS = {"datasets": dict(build_dataset=None, get_coco_api_from_dataset=None),
          "MultiScaleDeformableAttention": {}}
 
 
-def import_official(official: Path):
-    """(torch, main.build_model_main, main.get_args_parser) from an official DAB-DETR export, with the shims."""
+def import_official(official: Path, backbone: str = "models.DAB_DETR.backbone"):
+    """(torch, main.build_model_main, main.get_args_parser) from an official DAB-DETR export (or, with
+    ``backbone`` models.DN_DAB_DETR.backbone, DN-DETR's), with the shims."""
     import torch
 
     library = torch.library.Library("torchvision", "DEF")
@@ -128,10 +130,9 @@ def import_official(official: Path):
     sys.path.insert(0, str(official))
     for name, attributes in STUBS.items():
         sys.modules[name] = types.SimpleNamespace(**attributes)
-    import models.DAB_DETR.backbone
     from main import build_model_main, get_args_parser
 
-    models.DAB_DETR.backbone.is_main_process = lambda: False
+    importlib.import_module(backbone).is_main_process = lambda: False
     import_official.library = library  # the schemas live as long as the library object
     return torch, build_model_main, get_args_parser
 
