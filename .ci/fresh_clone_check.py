@@ -2,7 +2,7 @@
 """Prove the README's two commands: clone the repository into a temporary folder and run them there.
 
   python3 .ci/fresh_clone_check.py               # both commands verbatim: install, the CPU demo, the test suite
-  python3 .ci/fresh_clone_check.py --tests_only  # the second only: the whole test suite (about 37 minutes)
+  python3 .ci/fresh_clone_check.py --tests_only  # the second only: the whole test suite (about 23 minutes)
   python3 .ci/fresh_clone_check.py --quick       # CI's reduced form (about a minute): see below
   python3 .ci/fresh_clone_check.py --demo_only --demo_args="--config.data.synthetic_seed=1"
                                                  # the first only, with arguments added (another split)

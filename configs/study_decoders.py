@@ -1,7 +1,7 @@
 """The decoders at 50 epochs on COCO 2017 (lr dropped at 40), each with its paper's recipe:
 DETR (configs/detr_coco.py:r50, its 100 queries and global batch 64, the schedule shortened to 50
-epochs), Conditional DETR (configs/conditional_coco.py:r50), DAB-DETR (configs/dab_coco.py:r50) and
-Deformable DETR plain, with box refinement and two-stage (configs/deformable_coco.py); the recipes
+epochs), Conditional DETR (configs/conditional_coco.py:r50), DAB-DETR (configs/dab_coco.py:r50),
+DN-DAB-DETR (configs/dn_dab_coco.py:r50, denoising training) and Deformable DETR plain, with box refinement and two-stage (configs/deformable_coco.py); the recipes
 are configs/decoders.py's. COCO AP every 2 epochs:
 
   python -m detr_jax.study --config=configs/study_decoders.py --workdir=runs/study-decoders \
@@ -17,6 +17,7 @@ GROUPS = [
          overrides={"train.num_epochs": 50.0, "optim.lr_drop_epochs": (40,)}),
     dict(name="conditional", config="configs/conditional_coco.py:r50"),
     dict(name="dab", config="configs/dab_coco.py:r50"),
+    dict(name="dn_dab", config="configs/dn_dab_coco.py:r50"),
     dict(name="deformable", config="configs/deformable_coco.py:deformable"),
     dict(name="deformable_refine", config="configs/deformable_coco.py:refine"),
     dict(name="deformable_two_stage", config="configs/deformable_coco.py:two_stage"),

@@ -57,10 +57,11 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
     batch: this device's share of the global batch (image [b, H, W, 3], padding_mask [b, H, W],
     labels/boxes/box_valid [b, M, ...], example_valid [b]). stop_flag: int32 scalar, this host's
     preemption request. With ``loss_config.denoising.groups`` each step draws its noised DN queries
-    (``detr_jax.denoising``) from rng and trains on them too. metrics: every loss term, ``loss`` (weighted total), ``grad_norm``
-    (trainable gradients, before clipping), ``lr``, ``finite`` (the update was applied; a non-finite
-    loss or gradient leaves the parameters and optimizer state unchanged) and ``stop`` (stop_flag
-    summed over every device of every host: > 0 when any host asked to stop).
+    (``detr_jax.denoising``) from rng and trains on them too. metrics: every loss term, ``loss``
+    (weighted total), ``grad_norm`` (trainable gradients, before clipping), ``lr``, ``finite`` (the
+    update was applied; a non-finite loss or gradient leaves the parameters and optimizer state
+    unchanged) and ``stop`` (stop_flag summed over every device of every host: > 0 when any host
+    asked to stop).
 
     Frozen parameters (``trainable_mask``) enter the forward pass through ``stop_gradient``: their
     gradients are zero and the backward pass through the frozen stem and stages is never computed.

@@ -169,3 +169,12 @@ def test_grid_resumed_after_a_kill(interrupted):
     assert "| tiny | 2/2 |" in table
     assert {p.name for p in (workdir / "plots").iterdir()} == {"ap.png", "loss.png"}
     assert "![AP](plots/ap.png)" in table and "![loss](plots/loss.png)" in table
+
+
+@pytest.mark.parametrize("name", ["study_cpu", "study_schedules", "study_norm", "study_decoders"])
+def test_shipped_study_configs_load_and_validate(name, tmp_path):
+    """Every group of every shipped study config loads, takes its overrides and validates (no run)."""
+    module = study.load_config(f"configs/{name}.py")  # a study config is a config file too
+    runs = study.load_study(module, f"configs/{name}.py", tmp_path).runs
+    assert len(runs) == len(module.groups) * len(module.seeds) >= 2
+    assert all(run.args[1].startswith("--config=configs/") for run in runs)

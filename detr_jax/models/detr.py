@@ -152,7 +152,7 @@ class DETR(nn.Module):
             decoder.query_param, nn.initializers.normal(1.0), (self.num_queries, decoder.query_width(d)))
         class_heads, box_heads = self.heads(decoder)
         fields = {name: getattr(self, name) for name in decoder.module_fields}
-        content = {"content": self.content_queries(decoder, b, denoising)} if self.label_embedding else {}
+        content = self.content_queries(decoder, b, denoising) if self.label_embedding else None
         if denoising is not None and not self.label_embedding:
             raise ValueError("denoising queries need the model's label embedding (config.model.label_embedding = True)")
         hs, references, memory, encoder_outputs = decoder.module(
@@ -161,18 +161,19 @@ class DETR(nn.Module):
             dtype=self.dtype, attention_impl=self.attention, num_encoder_layers=self.num_encoder_layers,
             num_decoder_layers=self.num_decoder_layers, remat=self.remat_transformer, name="transformer", **fields,
         )(flat([src for src, _ in levels]), flat(pos).astype(self.dtype), flat(masks),
-          tuple(mask.shape[1:] for mask in masks), queries, class_heads, box_heads, train, **content)
+          tuple(mask.shape[1:] for mask in masks), queries, class_heads, box_heads, train,
+          **({} if content is None else {"content": content}))
 
         # the heads run in float32 whatever the compute dtype
         logits, boxes = heads(hs.astype(jnp.float32), references, class_heads, box_heads, decoder.reference_eps)
-        num_dn = 0 if denoising is None else denoising["labels"].shape[1]
-        dn_logits, dn_boxes, logits, boxes = logits[:, :, :num_dn], boxes[:, :, :num_dn], logits[:, :, num_dn:], boxes[:, :, num_dn:]
+        num_dn = 0 if denoising is None else denoising["labels"].shape[1]  # the DN slots come first
+        (dn_logits, logits), (dn_boxes, boxes) = [(x[:, :, :num_dn], x[:, :, num_dn:]) for x in (logits, boxes)]
         one = lambda xs: xs[0] if len(xs) == 1 else xs  # single-scale models sow arrays, multi-scale lists
         if len(levels) == 1:
             memory = memory.reshape(masks[0].shape + (d,))
         for name, value in (("backbone_features", features), ("feature_mask", one(masks)), ("pos", one(pos)),
                             ("proj_src", one([src for src, _ in levels])), ("memory", memory), ("hs", hs),
-                            ("references", references), ("query_content", content.get("content", {}).get("content"))):
+                            ("references", references), ("query_content", content and content["content"])):
             if value is None:
                 continue
             self.sow("intermediates", name, value)
