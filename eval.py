@@ -38,6 +38,8 @@ flags.DEFINE_string("ground_truth", None, "An instances json to evaluate against
 flags.DEFINE_enum("padding", None, list(PADDINGS), "The model's padding for the evaluation (default: "
                   "config.eval.padding, 'exact': each image's outputs are those of the image alone, whatever the "
                   "batch and bucket; 'official': official DETR's padded-batch computation).")
+flags.DEFINE_float("panoptic_threshold", None, "A model with the mask head: the score a query needs to make a "
+                   "panoptic segment (default: config.eval.panoptic_threshold, 0.85 as official).")
 cli.define_multihost_flags()
 
 
@@ -52,7 +54,7 @@ def main(argv):
     log = print if jax.process_index() == 0 else (lambda *args: None)
     evaluate_checkpoint(f.config, f.workdir, checkpoint=f.checkpoint, step=f.step, log=log,
                         batch_size=f.batch_size, score_threshold=f.score_threshold, topk=f.topk,
-                        ground_truth=f.ground_truth, padding=f.padding)
+                        ground_truth=f.ground_truth, padding=f.padding, panoptic_threshold=f.panoptic_threshold)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ GPU/TPU also the allocator's peak so far in the process, so rows are best run fr
       --attention xla --padding exact official   # the cost of config.model.padding = "exact"
   python bench/bench_inference.py --models r50 --sizes 800x1066 --batches 1 --dtypes float32 \
       --attention xla --decoders detr conditional dab deformable   # each decoder with its paper's COCO recipe
+  python bench/bench_inference.py --models r50 --sizes 800x1066 --batches 1 --dtypes float32 \
+      --attention xla --padding official --decoders detr detr_panoptic   # the mask head's cost on top of DETR
 """
 import argparse
 import itertools

@@ -72,7 +72,9 @@ def time_alternating(fns, repeats: int, warmup: int = 1):
 DECODER_CONFIGS = {"detr": ("configs/detr_coco.py", ""), "conditional": ("configs/conditional_coco.py", ""),
                    "dab": ("configs/dab_coco.py", ""), "deformable": ("configs/deformable_coco.py", "deformable_"),
                    "deformable_refine": ("configs/deformable_coco.py", "refine_"),
-                   "deformable_two_stage": ("configs/deformable_coco.py", "two_stage_")}
+                   "deformable_two_stage": ("configs/deformable_coco.py", "two_stage_"),
+                   # DETR with the panoptic mask head (250 classes, pred_masks of the 100 queries at stride 4)
+                   "detr_panoptic": ("configs/detr_panoptic_coco.py", "")}
 
 
 def decoder_config(decoder: str, model: str):

@@ -19,7 +19,8 @@ from detr_jax.config import model_config as default_model_config
 from detr_jax.errors import UsageError
 
 # model fields that change how the model computes, not what it is: a resume may change them
-COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "attention", "remat", "padding", "conv_impl")
+# model fields that change neither the variables nor what they compute (freeze_detector: which are trained)
+COMPUTE_ONLY_MODEL_FIELDS = ("dtype", "attention", "remat", "padding", "conv_impl", "freeze_detector")
 
 
 def with_defaults(saved_model_config) -> ml_collections.ConfigDict:

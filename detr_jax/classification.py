@@ -55,6 +55,13 @@ class Softmax:
         return (weight * nll).sum(), weight.sum()
 
     @staticmethod
+    def query_classes(logits):
+        """logits [..., Q, C+1] -> (scores [..., Q], labels [..., Q] int32): each query's most probable
+        class over all C + 1, no-object (label C) included, as official PostProcessPanoptic reads them."""
+        prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        return prob.max(-1), prob.argmax(-1).astype(jnp.int32)
+
+    @staticmethod
     def detections(logits, topk: int):
         """logits [B, Q, C+1] -> (scores [B, K], labels [B, K] int32, queries [B, K] int32): each
         query's best real class, all Q queries in query order (topk 0) or the topk best by score."""
@@ -107,6 +114,13 @@ class SigmoidFocal:
         alpha_t = loss_config.focal_alpha * onehot + (1 - loss_config.focal_alpha) * (1 - onehot)
         focal = (alpha_t * ce * (1 - p_t) ** loss_config.focal_gamma).sum(-1)
         return jnp.where(query_valid, focal, 0).sum(), num_boxes
+
+    @staticmethod
+    def query_classes(logits):
+        """logits [..., Q, C] -> (scores [..., Q], labels [..., Q] int32): each query's best sigmoid
+        score and its class (never no-object: a focal model has no such logit)."""
+        prob = jax.nn.sigmoid(logits.astype(jnp.float32))
+        return prob.max(-1), prob.argmax(-1).astype(jnp.int32)
 
     @staticmethod
     def detections(logits, topk: int):

@@ -45,6 +45,14 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         a label (``label_enc``, num_classes + 1 rows of hidden_dim - 1, and an indicator column): the
         matching queries from the no-label row, denoising queries from their noised labels
         (``config.loss.denoising``). Decoders that take it: dab (DN-DAB-DETR).
+      masks: the panoptic mask head of official DETR (``detr_jax.models.segmentation``): the model
+        also returns pred_masks [B, Q, H/4, W/4], trained with the mask losses (``config.loss``
+        mask_weight, dice_weight) on the matched queries; needs a single-scale decoder, a named ResNet
+        and batches with masks (``config.data.masks``). Its GroupNorm(8) needs hidden_dim a multiple
+        of 128 and num_heads a multiple of 8 (official 256 and 8).
+      freeze_detector: train the mask head alone (``bbox_attention`` and ``mask_head``), the rest
+        kept as loaded from ``config.init.checkpoint`` (official ``--frozen_weights``, the recipe of
+        the panoptic models: a trained detector, then 25 epochs of mask head).
       msda_impl: how multi-scale deformable attention samples its values, one of MSDA_IMPLS, the same
         values (``detr_jax.models.deformable``): "gather" (default, memory linear in the points) or
         "dense" (a sampling matrix per level and a matrix product; memory O(queries x cells)).
@@ -115,6 +123,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         msda_impl="gather",
         num_feature_levels=4,
         label_embedding=False,
+        masks=False,
+        freeze_detector=False,
     ))
     cfg.update(overrides)
     return cfg
@@ -138,6 +148,10 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
         official 0.2), box_noise (official 0.4: centres move up to 0.4 x half the size, sizes up to
         0.4 x themselves). Needs ``config.model.label_embedding`` and a decoder that takes it (dab).
         Training only: evaluation and detection run the model without denoising queries.
+      mask_weight, dice_weight: weights of loss_mask (sigmoid focal loss, alpha 0.25, gamma 2 as
+        official, averaged over each mask's pixels) and loss_dice of the matched queries' masks
+        (official ``--mask_loss_coef`` 1, ``--dice_loss_coef`` 1); with ``config.model.masks``, on the
+        last decoder layer only, as official.
     """
     cfg = ml_collections.ConfigDict(dict(
         cost_class=1.0,
@@ -153,6 +167,8 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
         focal_gamma=2.0,
         giou_eps=0.0,
         denoising=ml_collections.ConfigDict(dict(groups=0, label_noise=0.2, box_noise=0.4)),
+        mask_weight=1.0,
+        dice_weight=1.0,
     ))
     cfg.update(overrides)
     return cfg
@@ -162,19 +178,32 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     """The input pipeline's settings (official DETR COCO recipe), with ``overrides`` applied.
 
     Fields (``detr_jax.data`` reads them; ``detr_jax.validation`` validates them):
-      source: "tfds" (tfds_name, e.g. coco/2017), "coco_json" (an instances json and an image folder:
-        COCO or any custom dataset) or "synthetic" (the built-in shapes dataset, generated on first use).
+      source: "tfds" (tfds_name, e.g. coco/2017 or coco/2017_panoptic), "coco_json" (an instances json
+        and an image folder: COCO or any custom dataset), "coco_panoptic" (a COCO panoptic json, its
+        PNG folder and an image folder; every segment a target, crowd too, as official DETR panoptic)
+        or "synthetic" (the built-in shapes dataset, generated on first use).
       data_dir: coco_json: a folder with the COCO layout (annotations/instances_{train,val}2017.json,
-        {train,val}2017/); synthetic: where it is generated ("": ~/.cache/detr_jax/synthetic-...).
+        {train,val}2017/); coco_panoptic: annotations/panoptic_{train,val}2017.json,
+        panoptic_{train,val}2017/, {train,val}2017/; synthetic: where it is generated ("":
+        ~/.cache/detr_jax/synthetic-...).
       train_annotations, train_images, val_annotations, val_images: explicit instances json and image
         folder of a split ("": from data_dir).
+      train_panoptic_annotations, train_panoptic_masks, val_panoptic_annotations, val_panoptic_masks:
+        coco_panoptic: explicit panoptic json and PNG folder of a split ("": from data_dir; the images
+        are {split}_images).
+      masks: batches also carry each pixel's panoptic segment id (segments [B, H, W] int32, 0 on void
+        and padding) and each target's (segment_ids [B, M] int32), for a mask head; needs a panoptic
+        source (coco_panoptic, tfds coco/2017_panoptic, synthetic with synthetic_stuff > 0).
       tfds_name, tfds_data_dir, tfds_train_split, tfds_val_split: the tfds dataset (prepared with
         ``tfds build``), its folder ("": tfds's default) and split names.
       eval_split: the files evaluation reads for coco_json / synthetic: "val", or "train" to evaluate
         on the training images (overfitting checks); with tfds set tfds_val_split instead.
       synthetic_num_train, synthetic_num_val, synthetic_seed: the synthetic dataset's size and seed;
         synthetic_max_objects: most objects per image (1 + Binomial(max - 1, 0.3), about 6% of images
-        empty); synthetic_object_scale: (min, max) object side as fractions of the image's short side.
+        empty); synthetic_object_scale: (min, max) object side as fractions of the image's short side;
+        synthetic_stuff: stuff classes (0: the detection dataset; 1..4: a panoptic dataset, the shapes
+        over stuff bands such as sky above ground, read as a COCO panoptic folder: every segment's box
+        a target, masks with ``masks``).
       label_mapping: "category_id" (label = category id, num_classes = max id + 1; COCO: 91, as
         official DETR) or "contiguous" (label = index in the sorted category ids).
       unknown_category: an annotation whose category id is not in 'categories': "error" or "skip".
@@ -206,6 +235,11 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         train_images="",
         val_annotations="",
         val_images="",
+        train_panoptic_annotations="",
+        train_panoptic_masks="",
+        val_panoptic_annotations="",
+        val_panoptic_masks="",
+        masks=False,
         tfds_name="coco/2017",
         tfds_data_dir="",
         tfds_train_split="train",
@@ -216,6 +250,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         synthetic_seed=0,
         synthetic_max_objects=12,
         synthetic_object_scale=(0.12, 0.5),
+        synthetic_stuff=0,
         label_mapping="category_id",
         unknown_category="error",
         max_boxes=100,
@@ -317,8 +352,10 @@ def init_config(**overrides) -> ml_collections.ConfigDict:
     """Where the initial weights come from, with ``overrides`` applied.
 
     Fields:
-      checkpoint: "" (fresh init), a directory written by ``python -m detr_jax.convert``, or an
-        official DETR checkpoint file (.pth / .npz), converted on the fly.
+      checkpoint: "" (fresh init), a training workdir (its newest checkpoint's weights), a directory
+        written by ``python -m detr_jax.convert``, or an official DETR checkpoint file (.pth / .npz),
+        converted on the fly. A model with the mask head (``config.model.masks``) may start from a
+        detector's weights, its mask head then freshly initialised (the official panoptic recipe).
       drop_class_head: load everything from ``checkpoint`` but its class head (fine-tuning on
         another set of classes).
       torchvision_backbone: "" or a torchvision ImageNet ResNet file (.pth / .npz) for the backbone,
@@ -350,7 +387,11 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
         detection, whatever the model trained with: "exact" (each image's outputs are those of the
         image alone, so neither the batch nor the bucket moves a box) or "official" (official
         DETR's padded-batch computation; needed by a custom backbone).
+      panoptic_threshold: a model with the mask head: a query makes a panoptic segment when its best
+        class is an object scoring more than this (official PostProcessPanoptic: 0.85, a softmax
+        probability; sigmoid_focal models score lower, their configs set it).
     """
-    cfg = ml_collections.ConfigDict(dict(batch_size=8, score_threshold=0.0, topk=0, ground_truth="", padding="exact"))
+    cfg = ml_collections.ConfigDict(dict(batch_size=8, score_threshold=0.0, topk=0, ground_truth="", padding="exact",
+                                         panoptic_threshold=0.85))
     cfg.update(overrides)
     return cfg

@@ -26,7 +26,7 @@ import numpy as np
 
 from detr_jax.classification import classification as classification_of
 from detr_jax.errors import DataError, UsageError
-from detr_jax.models.detr import build_model, class_head, init_inputs
+from detr_jax.models.detr import MASK_HEAD_MODULES, build_model, class_head, init_inputs
 
 BACKBONE_PREFIX = "backbone.0.body."
 _QKV = ("q_proj", "k_proj", "v_proj")
@@ -40,13 +40,20 @@ SOURCES = {
     "dn_dab_detr": ("dab", "sigmoid_focal", True),  # IDEA-Research/DN-DETR, DN-DAB-DETR
     "deformable_detr": ("deformable", "sigmoid_focal", False),  # fundamentalvision/Deformable-DETR
 }
-CLASS_HEAD_WEIGHT = re.compile(r"class_embed(\.\d+)?\.weight")
+CLASS_HEAD_WEIGHT = re.compile(r"(detr\.)?class_embed(\.\d+)?\.weight")
+# official DETRsegm (config.model.masks): the detector's keys under "detr.", the mask head's as they are
+DETR_PREFIX = "detr."
 
 
 def aliases(model_config) -> dict[str, str]:
     """The official model's state_dict keys that repeat a shared module: alias prefix -> the prefix
     of the key it repeats (DAB-DETR's decoder box head; Deformable DETR's per-layer heads, which are
     one module without box refinement, and the decoder's references to them)."""
+    prefix = DETR_PREFIX if model_config.masks else ""
+    return {prefix + alias: prefix + original for alias, original in _detector_aliases(model_config).items()}
+
+
+def _detector_aliases(model_config) -> dict[str, str]:
     cfg = model_config
     if cfg.decoder == "dab":
         return {"transformer.decoder.bbox_embed.": "bbox_embed."}
@@ -75,6 +82,18 @@ class Leaf:
     shape: tuple[int, ...]  # Flax shape
     key: str  # official state_dict key
     qkv: int | None  # 0/1/2: the q/k/v slice of a packed in_proj entry
+
+
+def has_mask_head(state_dict) -> bool:
+    """Whether an official state_dict is a DETRsegm's (with the mask head), not a detector's."""
+    return any(key.startswith(tuple(m + "." for m in MASK_HEAD_MODULES)) for key in state_dict)
+
+
+def _segm_key(key: str, model_config) -> str:
+    """The official key of a model with ``masks``: the detector's under DETR_PREFIX."""
+    if not model_config.masks or key.startswith(tuple(m + "." for m in MASK_HEAD_MODULES)):
+        return key
+    return DETR_PREFIX + key
 
 
 def official_key(path: tuple[str, ...]) -> tuple[str, int | None]:
@@ -120,7 +139,8 @@ def model_leaves(model_config) -> list[Leaf]:
     leaves = []
     for collection, tree in variable_shapes(model_config).items():
         for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items():
-            leaves.append(Leaf(collection, path, tuple(value.shape), *official_key(path)))
+            key, qkv = official_key(path)
+            leaves.append(Leaf(collection, path, tuple(value.shape), _segm_key(key, model_config), qkv))
     natural = lambda leaf: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", leaf.key)]
     return sorted(leaves, key=natural)  # layer3.6 before layer3.10 in listings
 
@@ -131,7 +151,7 @@ def _official_shape(leaf: Leaf) -> tuple[int, ...]:
         return (3 * s[-1], s[0]) if len(s) == 2 else (3 * s[0],)
     if leaf.path[-1] == "kernel" and len(s) == 4:
         return (s[3], s[2], s[0], s[1])
-    if leaf.key == "input_proj.weight":
+    if leaf.key.removeprefix(DETR_PREFIX) == "input_proj.weight":
         return (s[1], s[0], 1, 1)
     if leaf.path[-1] == "kernel":
         return (s[1], s[0])
@@ -240,7 +260,7 @@ def from_official_state_dict(state_dict, model_config, *, drop_class_head: bool 
                                  model_config)
     leaves = model_leaves(model_config)
     expected = {leaf.key: _official_shape(leaf) for leaf in leaves}
-    is_head = lambda key: key.startswith("class_embed.")
+    is_head = lambda key: key.removeprefix(DETR_PREFIX).startswith("class_embed.")
     if drop_class_head:
         expected = {k: s for k, s in expected.items() if not is_head(k)}
     else:
@@ -279,14 +299,15 @@ def from_torchvision_resnet(state_dict, model_config, variables) -> dict:
     """``variables`` with the backbone replaced by torchvision ImageNet ResNet weights
     (``resnet50-*.pth`` keys: conv1.weight, bn1.running_mean, layer1.0.conv1.weight, ...).
     The classifier (fc.*) and num_batches_tracked entries are ignored."""
-    leaves = [leaf for leaf in model_leaves(model_config) if leaf.key.startswith(BACKBONE_PREFIX)]
-    expected = {leaf.key[len(BACKBONE_PREFIX):]: _official_shape(leaf) for leaf in leaves}
+    backbone = _segm_key(BACKBONE_PREFIX, model_config)
+    leaves = [leaf for leaf in model_leaves(model_config) if leaf.key.startswith(backbone)]
+    expected = {leaf.key[len(backbone):]: _official_shape(leaf) for leaf in leaves}
     _check(state_dict, expected, ignore=lambda k: k.startswith("fc.") or k.endswith("num_batches_tracked"),
            hint=f" backbone {model_config.backbone!r} (torchvision ResNet layout)")
     flat = {(c, p): v for c, tree in variables.items()
             for p, v in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items()}
     for leaf in leaves:
-        array = np.asarray(state_dict[leaf.key[len(BACKBONE_PREFIX):]], np.float32)
+        array = np.asarray(state_dict[leaf.key[len(backbone):]], np.float32)
         flat[(leaf.collection, leaf.path)] = _to_flax(leaf, array)
     return _unflatten(flat)
 

@@ -2,6 +2,7 @@ r"""The first command's job: train the CPU demo, evaluate it, and draw what it l
 
   python -m detr_jax.demo                                  # configs/synthetic.py:deformable_refine, runs/demo-<time>
   python -m detr_jax.demo --config=configs/synthetic.py:tiny --workdir=/tmp/smoke   # seconds
+  python -m detr_jax.demo --panoptic                       # the panoptic demo (configs/synthetic_panoptic.py)
 
 In one run folder (named at the end): the synthetic dataset is generated on first use, the config
 trains (backbone pretraining, then DETR, with step / ETA lines and periodic COCO evaluation of the
@@ -12,6 +13,12 @@ val split), then
                   images  (``python -m detr_jax.detect``)
 and a last summary: the final COCO AP, the wall time and where everything is. Run again with the
 same --workdir to resume an interrupted run.
+
+``--panoptic``: the official panoptic recipe on the synthetic shapes over two stuff classes, in
+WORKDIR/detector (a detector of every segment's box) and WORKDIR/masks (the mask head on the frozen
+detector), then WORKDIR/panoptic/ (``detect --masks``: NAME_panoptic.png, the panoptic result drawn,
+and the COCO panoptic NAME_panoptic_ids.png) and a summary with PQ / SQ / RQ, segm AP and box AP.
+``--panoptic_scale=tiny``: the same in seconds (the smoke test).
 """
 import time
 from pathlib import Path
@@ -27,6 +34,10 @@ config_flags.DEFINE_config_file("config", f"configs/synthetic.py:{DEMO_DECODER}"
 flags.DEFINE_string("workdir", "", "Run folder (default: runs/demo-<date>-<time>); an existing run resumes.")
 flags.DEFINE_integer("num_images", 6, "Val images to draw detections and attention maps for.")
 flags.DEFINE_float("threshold", 0.5, "Score threshold of the drawn detections.")
+flags.DEFINE_bool("panoptic", False, "Run the panoptic demo instead (configs/synthetic_panoptic.py: the detector, "
+                  "then the mask head on it; --config is not used).")
+flags.DEFINE_enum("panoptic_scale", "demo", ["demo", "tiny"], "--panoptic: the demo's budget, or tiny models "
+                  "and a few steps (seconds).")
 
 
 def demo_images(data_config, count: int) -> list[str]:
@@ -89,10 +100,85 @@ def run_demo(config, workdir, *, num_images: int, threshold: float, log=print) -
     return metrics
 
 
+def run_panoptic_demo(workdir, *, scale: str, num_images: int, log=print) -> dict:
+    """The panoptic demo (module docstring) in ``workdir`` -> the mask stage's final eval metrics."""
+    from configs.synthetic_panoptic import get_config
+    from detr_jax.training import train_and_evaluate
+    from detr_jax.visualize.detect import detect_checkpoint
+    from detr_jax.visualize.plots import plot_runs
+
+    workdir = Path(workdir).resolve()
+    prefix = "tiny_" if scale == "tiny" else ""
+    detector, masks = get_config(prefix + "detector"), get_config(prefix + "masks")
+    masks.init.checkpoint = str(workdir / "detector")
+    started = time.time()
+    log(f"panoptic demo, stage 1 of 2: the detector of every segment's box, in {workdir / 'detector'}")
+    train_and_evaluate(detector, workdir / "detector")
+    detector_done = time.time()
+    log(f"panoptic demo, stage 2 of 2: the mask head on the frozen detector, in {workdir / 'masks'}")
+    train_and_evaluate(masks, workdir / "masks")
+    trained = time.time()
+    plot_runs([str(workdir / "detector"), str(workdir / "masks")], workdir / "plots", log=log)
+    detect_checkpoint(None, demo_images(masks.data, num_images), workdir / "panoptic", workdir=str(workdir / "masks"),
+                      log=log, threshold=0.5, topk=0, batch_size=masks.eval.batch_size, draw_boxes=False,
+                      decoder_attention=False, masks=True)
+    overview = panoptic_overview(masks.data, workdir / "panoptic")
+    metrics = final_ap(workdir / "masks")
+    box = final_ap(workdir / "detector")
+    if metrics:
+        scores = (f"PQ {metrics['PQ']:.3f} (things {metrics['PQ_th']:.3f}, stuff {metrics['PQ_st']:.3f}; SQ "
+                  f"{metrics['SQ']:.3f}, RQ {metrics['RQ']:.3f}), segm AP {metrics['segm_AP']:.3f}, box AP "
+                  f"{metrics['AP']:.3f}")
+    else:
+        scores = "no evaluation (config.train.eval_at_end is off)"
+    detector_ap = f"box AP {box['AP']:.3f}" if box else "not evaluated"
+    log(f"\npanoptic demo finished in {time.time() - started:.0f} s (detector {detector_done - started:.0f} s, "
+        f"mask head {trained - detector_done:.0f} s): {scores} on the val split (detector alone: {detector_ap})\n"
+        f"run folder: {workdir}\n"
+        f"  curves:   {workdir / 'plots'}\n"
+        f"  panoptic: {workdir / 'panoptic'} (NAME_panoptic.png drawn, NAME_panoptic_ids.png COCO panoptic PNGs;\n"
+        f"            {overview.name}: images, predictions, ground truth)\n"
+        f"  eval:     {workdir / 'masks' / 'eval'} (panoptic.json + panoptic/, segm_results.json, metrics.json)")
+    return metrics
+
+
+def panoptic_overview(data_config, detect_dir) -> Path:
+    """DETECT_DIR/overview.png: for each image ``detect --masks`` drew there, a column of the image,
+    its panoptic prediction and its ground truth (the val split's), drawn alike."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from detr_jax.data import load_dataset
+    from detr_jax.visualize.detect import original_pixels
+    from detr_jax.visualize.draw import draw_panoptic, grid
+
+    source = load_dataset(data_config, "val", process_index=0, process_count=1)
+    names = list(source.info.class_names)
+    by_name = {Path(str(p)).name: row for row, p in enumerate(source.records.path)}
+    columns = []
+    for image in json.loads((Path(detect_dir) / "detections.json").read_text())["images"]:
+        pixels = original_pixels(image["file"])
+        gt_ids, gt_segments = source.panoptic_ground_truth(by_name[Path(image["file"]).name])
+        labels = source.info.labels([s["category_id"] for s in gt_segments])
+        gt = [{"id": s["id"], "label": int(label), "isthing": bool(source.info.isthing[label])}
+              for s, label in zip(gt_segments, labels)]
+        name = Path(image["file"]).stem
+        predicted = Path(detect_dir) / f"{name}_panoptic.png"
+        columns.append([pixels, Image.open(predicted), draw_panoptic(pixels, np.asarray(gt_ids), gt, names)])
+    path = Path(detect_dir) / "overview.png"
+    grid([list(row) for row in zip(*columns)]).save(path)
+    return path
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
     workdir = f.workdir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
+    if f.panoptic:
+        run_panoptic_demo(workdir, scale=f.panoptic_scale, num_images=f.num_images)
+        return
     run_demo(f.config, workdir, num_images=f.num_images, threshold=f.threshold)
 
 

@@ -6,6 +6,9 @@ the images with their detections drawn and the attention figures of the DETR pap
   # an official checkpoint on a glob, with the attention figures:
   python -m detr_jax.detect --config=configs/detr_coco.py:r50 --checkpoint=detr-r50-e632da11.pth \
       --images='photos/*.jpg' --output=out --draw --decoder_attention --encoder_pixel=200,150
+  # a panoptic model (the mask head): the panoptic picture and PNG of each image
+  python -m detr_jax.detect --config=configs/detr_panoptic_coco.py:r50 \
+      --checkpoint=detr-r50-panoptic-00ce5173.pth --images=photos/ --output=out --masks
 
 Images are resized as evaluation does (config.data.eval_size / eval_max_size) and run in jit-compiled
 batches; see ``detr_jax.visualize.detect`` for the output files.
@@ -36,6 +39,10 @@ flags.DEFINE_multi_string("encoder_pixel", [], "X,Y: a pixel of the original ima
                           "is drawn (NAME_encoder_attention.png); repeat the flag for several pixels")
 flags.DEFINE_enum("padding", None, list(PADDINGS), "config.model.padding for the detection (default: "
                   "config.eval.padding, 'exact': each image's detections are those of the image alone).")
+flags.DEFINE_bool("masks", False, "A model with the mask head (config.model.masks): write each image's panoptic "
+                  "result, drawn (NAME_panoptic.png) and as a COCO panoptic PNG (NAME_panoptic_ids.png).")
+flags.DEFINE_float("panoptic_threshold", None, "With --masks: the score a query needs to make a segment (default: "
+                   "config.eval.panoptic_threshold, 0.85 as official).")
 flags.DEFINE_list("class_names", [], "Comma-separated name of every class index (default: COCO's for a 91-class "
                   "model, else the dataset's category names).")
 
@@ -48,7 +55,8 @@ def main(argv):
     detect_checkpoint(f.config, f.images, f.output, workdir=f.workdir, checkpoint=f.checkpoint, step=f.step,
                       class_names_override=f.class_names, encoder_pixels=parse_pixels(f.encoder_pixel),
                       threshold=f.threshold, topk=f.topk, batch_size=f.batch_size, draw_boxes=f.draw,
-                      decoder_attention=f.decoder_attention, padding=f.padding)
+                      decoder_attention=f.decoder_attention, padding=f.padding, masks=f.masks,
+                      panoptic_threshold=f.panoptic_threshold)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,17 @@
   of real slots, and their class_error, suffixed ``_dn`` (``_dn_l`` for auxiliary layers; official
   ``tgt_loss_*``, ``tgt_class_error``).
 
+- masks (outputs with ``pred_masks``, ``config.model.masks``): ``loss_mask`` (sigmoid focal loss,
+  alpha 0.25, gamma 2, averaged over each mask's pixels) and ``loss_dice`` (1 - (2 |p t| + 1) /
+  (|p| + |t| + 1)) of each matched query's mask logits, bilinearly upsampled (torch's
+  ``interpolate``, align_corners False) to the image's resolution, against its target's mask
+  (``segments == segment_ids``), summed and divided by the number of target boxes; last decoder
+  layer only, as official. The pixels read are those ``pred_masks_hw`` names: with "exact" padding
+  the image's own, so the terms are those of the image alone; with "official" padding the whole
+  canvas, as official DETR pads the target masks to the batch's largest image.
+
 ``total = sum(ce_weight * loss_ce + bbox_weight * loss_bbox + giou_weight * loss_giou)`` over layers
-(and the proposals).
+(and the proposals), plus mask_weight * loss_mask + dice_weight * loss_dice.
 
 Every term is a numerator over a denominator (``loss_sums``), divided by ``normalise``: summing
 both over batches, devices or hosts before dividing gives the loss of their union (evaluation's
@@ -38,6 +47,10 @@ from detr_jax import box_ops
 from detr_jax.classification import classification as classification_of
 from detr_jax.denoising import dn_targets
 from detr_jax.matching import match, stack_layers
+from detr_jax.models.resnet import valid_region
+from detr_jax.models.segmentation import resize
+
+MASK_FOCAL_ALPHA, MASK_FOCAL_GAMMA = 0.25, 2.0  # official sigmoid_focal_loss defaults, fixed in loss_masks
 
 
 def _psum(x, axis_name):
@@ -103,6 +116,38 @@ def _class_error_sums(logits, matched, labels):
     return wrong.astype(jnp.float32), valid.sum().astype(jnp.float32)
 
 
+def mask_focal_dice(logits, target, valid):
+    """Per mask (focal loss averaged over the valid pixels, dice loss): logits [..., H, W], target
+    [..., H, W] bool, valid [..., H, W] bool (the pixels that count) -> ([...], [...]) float32."""
+    t = target.astype(jnp.float32)
+    p = jax.nn.sigmoid(logits)
+    ce = jnp.maximum(logits, 0) - logits * t + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    p_t = p * t + (1 - p) * (1 - t)
+    alpha_t = MASK_FOCAL_ALPHA * t + (1 - MASK_FOCAL_ALPHA) * (1 - t)
+    focal = jnp.where(valid, alpha_t * ce * (1 - p_t) ** MASK_FOCAL_GAMMA, 0.0)
+    count = jnp.maximum(valid.sum((-2, -1)), 1).astype(jnp.float32)
+    p = jnp.where(valid, p, 0.0)
+    dice = 1 - (2 * (p * t).sum((-2, -1)) + 1) / (p.sum((-2, -1)) + t.sum((-2, -1)) + 1)
+    return focal.sum((-2, -1)) / count, dice
+
+
+def _mask_sums(outputs, matched, targets):
+    """(numerator, denominator) of loss_mask and loss_dice: outputs with pred_masks [B, Q, h, w] and
+    pred_masks_hw [B, 2, 2] (valid (h, w) of the logits, and of the image they cover on the canvas);
+    matched [B, M] (final layer); targets with segments [B, H, W] int32 and segment_ids [B, M]."""
+    segments, box_valid = targets["segments"], targets["box_valid"]
+    valid = matched >= 0
+    logits = jnp.take_along_axis(outputs["pred_masks"], jnp.maximum(matched, 0)[:, :, None, None], axis=1)
+    logit_hw, image_hw = outputs["pred_masks_hw"][:, 0], outputs["pred_masks_hw"][:, 1]
+    up = resize(logits[..., None], logit_hw, image_hw, segments.shape[1:], "bilinear")[..., 0]  # [B, M, H, W]
+    target = (segments[:, None] == targets["segment_ids"][:, :, None, None]) & box_valid[:, :, None, None]
+    pixels = valid_region(image_hw, segments.shape[1:])[:, None]
+    focal, dice = mask_focal_dice(up, target, pixels)
+    num_boxes = box_valid.sum().astype(jnp.float32)
+    return {"loss_mask": (jnp.where(valid, focal, 0).sum(), num_boxes),
+            "loss_dice": (jnp.where(valid, dice, 0).sum(), num_boxes)}
+
+
 def loss_sums(outputs, targets, loss_config, classification: str, *, method=None) -> dict:
     """{term: (numerator, denominator)} of every loss term over the batch (float32 scalars): the
     term is numerator / denominator (see ``normalise``), so sums of both over batches, devices or
@@ -129,6 +174,8 @@ def loss_sums(outputs, targets, loss_config, classification: str, *, method=None
         layer_sums = _layer_sums(logits[layer], boxes[layer], matched[layer], targets, cfg, kind, example_valid)
         sums.update({name + suffix: value for name, value in layer_sums.items()})
     sums["class_error"] = _class_error_sums(logits[-1], matched[-1], targets["labels"])
+    if "pred_masks" in outputs:
+        sums.update(_mask_sums(outputs, matched[-1], targets))
     if "enc_outputs" in outputs:  # two-stage: the encoder's proposals against class-agnostic targets
         proposals = outputs["enc_outputs"]
         binary = {**targets, "labels": jnp.zeros_like(targets["labels"])}
@@ -166,7 +213,8 @@ def normalise(sums, loss_config, *, axis_name=None):
                                     100.0 * share_of_devices)
         else:
             terms[name] = numerator / jnp.where(denominator > 0, denominator, 1.0)
-    weights = {"loss_ce": cfg.ce_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight}
+    weights = {"loss_ce": cfg.ce_weight, "loss_bbox": cfg.bbox_weight, "loss_giou": cfg.giou_weight,
+               "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}
     total = sum(weights[_unsuffixed(name)] * value for name, value in terms.items() if _unsuffixed(name) in weights)
     return total, terms
 
@@ -185,7 +233,8 @@ def compute_loss(outputs, targets, loss_config, classification: str, *, axis_nam
     """(total, terms) of the set-prediction loss; see the module docstring.
 
     outputs: the model's dict; targets: {"labels" [B, M] int32, "boxes" [B, M, 4] (cxcywh,
-    normalised), "box_valid" [B, M] bool, optionally "example_valid" [B] bool (see ``loss_sums``)};
+    normalised), "box_valid" [B, M] bool, optionally "example_valid" [B] bool (see ``loss_sums``);
+    for a model with masks also "segments" [B, H, W] int32 and "segment_ids" [B, M] int32};
     classification: the model's (``config.model.classification``, ``detr_jax.classification``);
     method: matcher override ("host" / "device").
     """

@@ -30,7 +30,7 @@ from detr_jax.errors import ConfigError
 from detr_jax.losses import compute_loss
 from detr_jax.metrics import MetricsWriter, Throughput
 from detr_jax.models import build_model, trainable_mask
-from detr_jax.models.detr import init_inputs
+from detr_jax.models.detr import MASK_HEAD_MODULES, init_inputs
 from detr_jax.optim import make_optimizer
 from detr_jax.parallel import AXIS, first_local, replicate_on_devices, shard
 
@@ -46,8 +46,10 @@ class TrainState:
 
 def batch_targets(batch):
     """The loss targets of a batch; an image with example_valid False (unreadable) counts nowhere
-    (a batch without example_valid has only valid images)."""
-    return {k: batch[k] for k in ("labels", "boxes", "box_valid", "example_valid") if k in batch}
+    (a batch without example_valid has only valid images); the mask targets (segments, segment_ids)
+    where the batch has them."""
+    keys = ("labels", "boxes", "box_valid", "example_valid", "segments", "segment_ids")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_steps: int = 1):
@@ -103,30 +105,54 @@ def make_train_step(model, tx, schedule, loss_config, model_config, grad_accum_s
 
 
 def initial_variables(config, model, rng):
-    """Fresh variables, or those of ``config.init``: a converted variables directory or an official
-    checkpoint file (.pth / .npz), optionally without its class head; then optionally torchvision
-    ImageNet weights for the backbone."""
+    """Fresh variables, or those of ``config.init``: a training workdir (its newest checkpoint), a
+    converted variables directory or an official checkpoint file (.pth / .npz), optionally without
+    its class head; then optionally torchvision ImageNet weights for the backbone. A model with the
+    mask head (``config.model.masks``) may start from a detector's weights: its mask head is then
+    freshly initialised (official ``--frozen_weights``)."""
     init = config.init
     if not init.checkpoint:
         variables = jax.jit(model.init)(rng, *init_inputs(config.model))
     else:  # no fresh init to throw away: the checkpoint gives every variable (or the class head's rng)
-        path = Path(init.checkpoint)
-        if path.is_dir():
-            saved, saved_model_config = checkpoint.load_variables(path)
-            differences = checkpoint.model_differences(saved_model_config, config.model,
-                                                       ignore=("num_classes",) if init.drop_class_head else ())
+        state_dict, saved_model_config = _init_state_dict(Path(init.checkpoint))
+        target = config.model
+        detector_only = config.model.masks and not convert.has_mask_head(state_dict)
+        if detector_only:
+            target = ml_collections.ConfigDict({**config.model.to_dict(), "masks": False, "freeze_detector": False})
+        if saved_model_config is not None:
+            ignore = ("num_classes",) if init.drop_class_head else ()
+            differences = checkpoint.model_differences(saved_model_config, target, ignore=ignore)
             if differences:
-                raise ConfigError(f"config.init.checkpoint = {str(path)!r} was converted for another model: "
-                                  f"{checkpoint.format_changes(differences)} (converted -> config.model)")
-            state_dict = convert.to_official_state_dict(saved, saved_model_config)
-        else:
-            state_dict = convert.load_state_dict_file(path)
-        variables = convert.from_official_state_dict(state_dict, config.model, drop_class_head=init.drop_class_head,
+                made = "was trained as" if (Path(init.checkpoint) / "checkpoints").is_dir() else "was converted for"
+                raise ConfigError(f"config.init.checkpoint = {init.checkpoint!r} {made} another model: "
+                                  f"{checkpoint.format_changes(differences)} (checkpoint -> config.model)")
+        variables = convert.from_official_state_dict(state_dict, target, drop_class_head=init.drop_class_head,
                                                      rng=jax.random.fold_in(rng, 1))
+        if detector_only:
+            variables = with_fresh_mask_head(variables, model, config.model, jax.random.fold_in(rng, 2))
     if init.torchvision_backbone:
         state_dict = convert.load_state_dict_file(init.torchvision_backbone)
         variables = convert.from_torchvision_resnet(state_dict, config.model, variables)
     return jax.device_get(variables)
+
+
+def _init_state_dict(path: Path):
+    """(official state_dict, the model config it was saved with or None) of ``config.init.checkpoint``:
+    a training workdir, a converted variables directory or an official file."""
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        _, saved, run_config, _ = checkpoint.latest_train_variables(path)
+        return convert.to_official_state_dict(saved, run_config.model), run_config.model
+    if path.is_dir():
+        saved, saved_model_config = checkpoint.load_variables(path)
+        return convert.to_official_state_dict(saved, saved_model_config), saved_model_config
+    return convert.load_state_dict_file(path), None
+
+
+def with_fresh_mask_head(detector_variables, model, model_config, rng) -> dict:
+    """A detector's variables with a freshly initialised mask head added (``MASK_HEAD_MODULES``)."""
+    fresh = jax.jit(model.init)(rng, *init_inputs(model_config))
+    params = {**detector_variables["params"], **{k: fresh["params"][k] for k in MASK_HEAD_MODULES}}
+    return {**detector_variables, "params": params}
 
 
 def params_checksum(params) -> float:
@@ -178,18 +204,21 @@ class PeriodicEval:
 
     def run(self, step: int, state: TrainState, epoch: float) -> dict:
         from detr_jax.evaluation import METRIC_NAMES, evaluate
-        from detr_jax.evaluation.evaluator import format_val_loss
+        from detr_jax.evaluation.evaluator import PQ_NAMES, SEGM_NAMES, format_val_loss
 
         start = time.perf_counter()
         result = evaluate(self.model, {"params": state.params, "buffers": state.buffers}, self.config.data,
                           batch_size=self.settings.batch_size, workdir=self.workdir, step=step, source=self.source,
                           score_threshold=float(self.settings.score_threshold), topk=int(self.settings.topk),
                           ground_truth=self.settings.ground_truth or None, loss_config=self.config.loss,
-                          padding=self.settings.padding, log=_log)
+                          padding=self.settings.padding, panoptic_threshold=float(self.settings.panoptic_threshold),
+                          log=_log)
         val_loss = {k: v for k, v in result.items() if k.startswith("val_")}
-        self.writer.write(step, {**{k: result[k] for k in METRIC_NAMES}, **val_loss, "epoch": epoch,
+        masks = {k: result[k] for k in PQ_NAMES + SEGM_NAMES if k in result}  # a model with the mask head
+        self.writer.write(step, {**{k: result[k] for k in METRIC_NAMES}, **masks, **val_loss, "epoch": epoch,
                                  "eval_seconds": time.perf_counter() - start})
-        _log(f"eval at step {step}: AP {result['AP']:.4f} AP50 {result['AP50']:.4f} AP75 {result['AP75']:.4f} | "
+        pq = f" PQ {masks['PQ']:.4f} segm AP {masks['segm_AP']:.4f}" if masks else ""
+        _log(f"eval at step {step}: AP {result['AP']:.4f} AP50 {result['AP50']:.4f} AP75 {result['AP75']:.4f}{pq} | "
              f"val {format_val_loss(result)} ({result['num_images']} images, {time.perf_counter() - start:.1f}s)")
         return result
 

@@ -14,6 +14,7 @@ from detr_jax.config import (ACTIVATIONS, ATTENTIONS, CLASSIFICATIONS, DECODERS,
 from detr_jax.data.records import LABEL_MAPPINGS, MAX_BOXES_POLICIES
 from detr_jax.data.registry import SOURCES
 from detr_jax.data.source import SPLITS, UNKNOWN_CATEGORY_POLICIES
+from detr_jax.data.synthetic import STUFF
 from detr_jax.data.transforms import EXIF_POLICIES
 from detr_jax.errors import ConfigError
 from detr_jax.matching import METHODS as MATCHERS
@@ -61,17 +62,18 @@ FIELDS = {
         backbone_norm=one_of(*BACKBONE_NORMS), frozen_stages=integer(-1, 4), dtype=one_of(*DTYPES),
         attention=one_of(*ATTENTIONS), remat=one_of(*REMATS), padding=one_of(*PADDINGS),
         conv_impl=one_of(*CONV_IMPLS), with_box_refine=BOOL, two_stage=BOOL, msda_impl=one_of(*MSDA_IMPLS),
-        num_feature_levels=one_of(1, 4), label_embedding=BOOL),
+        num_feature_levels=one_of(1, 4), label_embedding=BOOL, masks=BOOL, freeze_detector=BOOL),
     "loss": dict(
         cost_class=WEIGHT, cost_bbox=WEIGHT, cost_giou=WEIGHT, ce_weight=WEIGHT, bbox_weight=WEIGHT,
         giou_weight=WEIGHT, eos_coef=number(0, 1, low_open=True), matcher=one_of(*MATCHERS),
-        focal_alpha=PROBABILITY, focal_gamma=WEIGHT, giou_eps=WEIGHT),
+        focal_alpha=PROBABILITY, focal_gamma=WEIGHT, giou_eps=WEIGHT, mask_weight=WEIGHT, dice_weight=WEIGHT),
     "loss.denoising": dict(groups=COUNT, label_noise=PROBABILITY, box_noise=WEIGHT),
     "data": dict(
         source=one_of(*SOURCES), eval_split=one_of(*SPLITS), label_mapping=one_of(*LABEL_MAPPINGS),
         unknown_category=one_of(*UNKNOWN_CATEGORY_POLICIES), exif=one_of(*EXIF_POLICIES),
         max_boxes_policy=one_of(*MAX_BOXES_POLICIES),
         synthetic_num_train=POSITIVE, synthetic_num_val=POSITIVE, synthetic_max_objects=POSITIVE,
+        synthetic_stuff=integer(0, len(STUFF)), masks=BOOL,
         max_boxes=POSITIVE, flip_prob=PROBABILITY, crop_prob=PROBABILITY, train_scales=sizes(),
         train_max_size=POSITIVE, crop_resize_scales=sizes(), crop_min_size=POSITIVE, crop_max_size=POSITIVE,
         eval_size=POSITIVE, eval_max_size=POSITIVE, size_divisor=POSITIVE, shuffle_window=POSITIVE,
@@ -87,7 +89,8 @@ FIELDS = {
         batch_size=POSITIVE, num_epochs=WEIGHT, num_steps=COUNT, seed=COUNT, log_every_steps=POSITIVE,
         checkpoint_every_steps=POSITIVE, keep_checkpoints=POSITIVE, on_nonfinite=one_of(*ON_NONFINITE),
         eval_every_steps=COUNT, eval_every_epochs=WEIGHT, profile_steps=COUNT),
-    "eval": dict(batch_size=POSITIVE, score_threshold=PROBABILITY, topk=COUNT, padding=one_of(*PADDINGS)),
+    "eval": dict(batch_size=POSITIVE, score_threshold=PROBABILITY, topk=COUNT, padding=one_of(*PADDINGS),
+                 panoptic_threshold=PROBABILITY),
     "init": dict(pretrain_steps=COUNT, pretrain_lr=number(0, low_open=True)),
 }
 
@@ -135,6 +138,7 @@ def relation_problems(config) -> list[str]:
     if get("loss.denoising.groups") and not get("model.label_embedding"):
         problems.append(f"config.loss.denoising.groups = {get('loss.denoising.groups')}: denoising needs "
                         "config.model.label_embedding = True (the DN queries' content is their label's embedding)")
+    problems += mask_problems(get)
     if decoder == "deformable" and get("model.backbone") == "custom":
         problems.append("config.model.backbone = 'custom': decoder 'deformable' needs a named ResNet (it reads its "
                         "last three stages)")
@@ -148,6 +152,11 @@ def relation_problems(config) -> list[str]:
     if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
         problems.append(f"config.data.synthetic_object_scale = {tuple(scale)!r}: expected (min, max) with "
                         "0 < min <= max <= 1")
+    source = get("data.source")
+    if get("data.masks") and (source == "coco_json" or (source == "synthetic" and get("data.synthetic_stuff") == 0)):
+        problems.append(f"config.data.masks = True: source {source!r} has no panoptic annotations; expected source "
+                        "'coco_panoptic', 'tfds' with tfds_name 'coco/2017_panoptic', or 'synthetic' with "
+                        "config.data.synthetic_stuff > 0")
     buckets, divisor = get("data.buckets"), get("data.size_divisor")
     if buckets and divisor and not all(len(b) == 2 and all(s > 0 and s % divisor == 0 for s in b) for b in buckets):
         problems.append(f"config.data.buckets = {tuple(map(tuple, buckets))!r}: expected (h, w) pairs, positive "
@@ -160,6 +169,35 @@ def relation_problems(config) -> list[str]:
     topk, queries = get("eval.topk"), get("model.num_queries")
     if topk and queries and topk > queries:
         problems.append(f"config.eval.topk = {topk}: expected at most config.model.num_queries ({queries})")
+    return problems
+
+
+def mask_problems(get) -> list[str]:
+    """What config.model.masks and freeze_detector need (``detr_jax.models.segmentation``)."""
+    decoder, hidden, heads = get("model.decoder"), get("model.hidden_dim"), get("model.num_heads")
+    problems = []
+    if get("model.masks"):
+        if decoder in DECODER_ENTRIES and DECODER_ENTRIES[decoder].multi_scale:
+            single = ", ".join(name for name, entry in DECODER_ENTRIES.items() if not entry.multi_scale)
+            problems.append(f"config.model.masks = True: decoder {decoder!r} is multi-scale; the official mask head "
+                            f"attends over a single-scale encoder memory; decoders that have one: {single}")
+        if get("model.backbone") == "custom":
+            problems.append("config.model.masks = True: needs a named ResNet (the mask head reads its stages C2..C4), "
+                            "not config.model.backbone = 'custom'")
+        if hidden and heads and (hidden % 128 or heads % 8):
+            problems.append(f"config.model.hidden_dim = {hidden}, num_heads = {heads}: the mask head "
+                            "(config.model.masks) needs hidden_dim a multiple of 128 and num_heads a multiple of 8 "
+                            "(its GroupNorm(8) over hidden_dim + num_heads ... hidden_dim / 16 channels)")
+        if get("data.masks") is False:
+            problems.append("config.model.masks = True: expected config.data.masks = True (the mask loss reads the "
+                            "batches' segments)")
+    if get("model.freeze_detector"):
+        if not get("model.masks"):
+            problems.append("config.model.freeze_detector = True: expected config.model.masks = True (only the mask "
+                            "head would be trained)")
+        if get("init.checkpoint") == "":
+            problems.append("config.model.freeze_detector = True: expected config.init.checkpoint (the trained "
+                            "detector to freeze; a training workdir, a converted directory or an official file)")
     return problems
 
 

@@ -74,7 +74,7 @@ def test_every_problem_is_listed():
         validate(config)
     assert str(error.value).splitlines() == [
         "the config has 3 problems:",
-        "  config.data.source = 'voc': expected one of 'synthetic', 'coco_json', 'tfds'",
+        "  config.data.source = 'voc': expected one of 'synthetic', 'coco_json', 'tfds', 'coco_panoptic'",
         "  config.data.max_boxes = 0: expected an integer >= 1",
         "  config.data.flip_prob = 1.5: expected a number >= 0 and <= 1"]
 

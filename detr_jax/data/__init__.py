@@ -9,8 +9,9 @@
     batches.info.num_classes, batches.info.category_ids(batch["labels"])
     print(batches.report.summary())                     # what was skipped or fixed
 
-Sources: tfds COCO (``tfds_coco``), COCO-format folders (``coco_json``), the built-in synthetic
-dataset (``synthetic``). ``load_dataset(cfg, split)`` gives a ``Source`` (info, records, report,
+Sources: tfds COCO (``tfds_coco``, also coco/2017_panoptic), COCO-format folders (``coco_json``),
+COCO panoptic folders (``coco_panoptic``), the built-in synthetic dataset (``synthetic``; with
+stuff classes a panoptic one). ``cfg.masks = True`` adds segments / segment_ids to the batches. ``load_dataset(cfg, split)`` gives a ``Source`` (info, records, report,
 ``ground_truth()`` for pycocotools) that ``train_batches`` / ``eval_batches`` accept to avoid
 loading twice.
 """

@@ -3,7 +3,9 @@
 Used for the official COCO layout (``DATA_DIR/annotations/instances_train2017.json``,
 ``DATA_DIR/train2017/``), any custom dataset (paths set in the data config) and the synthetic
 dataset. Every field is checked: a file that is not COCO raises a ValueError naming the file and the
-field; a missing image file is left out (counted and named in the report).
+field; a missing image file is left out (counted and named in the report). The folder layouts
+(``LAYOUTS``), the field checks (``Checker``) and ``JsonSource`` also serve COCO panoptic folders
+(``coco_panoptic``).
 """
 import json
 import os
@@ -13,32 +15,46 @@ import tensorflow as tf
 
 from detr_jax.data.records import Records, build_records, clean_targets, make_info
 from detr_jax.data.report import Report
-from detr_jax.data.source import Source
+from detr_jax.data.source import Source, check_masks
 from detr_jax.errors import ConfigError, DataError
 
-# split -> (annotation file, image folder) under data_dir, per layout
+# layout -> split -> {config field (data_config.SPLIT_FIELD): its default under data_dir}
 LAYOUTS = {
-    "coco_json": {"train": ("annotations/instances_train2017.json", "train2017"),
-                  "val": ("annotations/instances_val2017.json", "val2017")},
-    "synthetic": {"train": ("annotations/instances_train.json", "train"),
-                  "val": ("annotations/instances_val.json", "val")},
+    "coco_json": {"train": {"annotations": "annotations/instances_train2017.json", "images": "train2017"},
+                  "val": {"annotations": "annotations/instances_val2017.json", "images": "val2017"}},
+    "synthetic": {"train": {"annotations": "annotations/instances_train.json", "images": "train"},
+                  "val": {"annotations": "annotations/instances_val.json", "images": "val"}},
+    "coco_panoptic": {split: {"panoptic_annotations": f"annotations/panoptic_{split}2017.json",
+                              "panoptic_masks": f"panoptic_{split}2017", "images": f"{split}2017"}
+                      for split in ("train", "val")},
+    "synthetic_panoptic": {split: {"panoptic_annotations": f"annotations/panoptic_{split}.json",
+                                   "panoptic_masks": f"panoptic_{split}", "images": split}
+                           for split in ("train", "val")},
 }
 
 
-def split_paths(data_config, split: str) -> tuple[str, str]:
-    """(annotation file, image folder) of a split: the explicit config fields, else the layout's
-    defaults under data_dir. With ``eval_split = "train"`` the val split reads the train files
-    (evaluation on the training images, e.g. to check that a model can fit them)."""
+def layout_paths(data_config, split: str, layout: str) -> dict:
+    """{field: path} of a split's files in ``LAYOUTS[layout]``: the explicit config fields
+    (data_config.SPLIT_FIELD), else the layout's defaults under data_dir (synthetic: its folder).
+    With ``eval_split = "train"`` the val split reads the train files (evaluation on the training
+    images, e.g. to check that a model can fit them)."""
     from detr_jax.data.synthetic import default_dir
 
     split = data_config.eval_split if split == "val" else split
-    annotations, images = data_config[f"{split}_annotations"], data_config[f"{split}_images"]
+    defaults = LAYOUTS[layout][split]
+    explicit = {field: data_config[f"{split}_{field}"] for field in defaults}
     root = default_dir(data_config) if data_config.source == "synthetic" else data_config.data_dir
-    if not (annotations and images) and not root:
-        raise ConfigError(f"data_config.source = 'coco_json' needs data_config.data_dir (a folder with the COCO "
-                         f"layout) or both data_config.{split}_annotations and data_config.{split}_images")
-    default_ann, default_images = LAYOUTS[data_config.source][split]
-    return (annotations or os.path.join(root, default_ann), images or os.path.join(root, default_images))
+    if not all(explicit.values()) and not root:
+        raise ConfigError(f"data_config.source = {data_config.source!r} needs data_config.data_dir (a folder with the "
+                         f"{layout} layout: {', '.join(defaults.values())}) or all of "
+                         + ", ".join(f"data_config.{split}_{field}" for field in defaults))
+    return {field: explicit[field] or os.path.join(root, default) for field, default in defaults.items()}
+
+
+def split_paths(data_config, split: str) -> tuple[str, str]:
+    """(instances annotation file, image folder) of a split (``layout_paths``)."""
+    paths = layout_paths(data_config, split, data_config.source)
+    return paths["annotations"], paths["images"]
 
 
 def _is_number(v) -> bool:
@@ -52,10 +68,11 @@ FIELD_KINDS = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "bbox": (lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)),
              "[x, y, width, height] (4 numbers)"),
+    "list": (lambda v: isinstance(v, list), "a list"),
 }
 
 
-class _Checker:
+class Checker:
     """Reads typed fields of the entries of one annotation file; errors name the file and field."""
 
     def __init__(self, path: str):
@@ -65,7 +82,7 @@ class _Checker:
         raise DataError(f"{self.path}: not a valid COCO annotation file: {where} {problem}")
 
     def field(self, entry, name: str, where: str, kind: str, default=None):
-        """entry[name] as kind 'int' | 'number' | 'str' | 'bbox'; ``default`` makes it optional."""
+        """entry[name] as a FIELD_KINDS kind; ``default`` makes it optional."""
         if not isinstance(entry, dict):
             self.fail(where, f"is {type(entry).__name__} {entry!r:.60}, expected an object")
         if name not in entry:
@@ -89,6 +106,54 @@ class _Checker:
                 self.fail(f"field '{key}'", f"is a {type(data[key]).__name__}, expected a list")
         return data["images"], data["annotations"], data["categories"]
 
+    def categories(self, categories, *fields) -> dict:
+        """'categories' -> {id: (name, *fields)}; fields: names of further integer fields (e.g. isthing)."""
+        cats = {}
+        for k, c in enumerate(categories):
+            cid = self.field(c, "id", f"categories[{k}]", "int")
+            if cid in cats:
+                self.fail(f"categories[{k}].id", f"= {cid} repeats an earlier category id")
+            cats[cid] = tuple(self.field(c, name, f"categories[{k}]", kind)
+                              for name, kind in (("name", "str"), *((f, "int") for f in fields)))
+        return cats
+
+    def images(self, images, image_dir: str) -> tuple[list, dict]:
+        """'images' -> (rows (image_id, file_name, path, h, w) for ``build_records``, {image id: row})."""
+        rows, image_rows = [], {}
+        for k, im in enumerate(images):
+            where = f"images[{k}]"
+            iid = self.field(im, "id", where, "int")
+            if iid in image_rows:
+                self.fail(f"{where}.id", f"= {iid} repeats an earlier image id")
+            name = self.field(im, "file_name", where, "str")
+            h, w = self.field(im, "height", where, "int"), self.field(im, "width", where, "int")
+            if h <= 0 or w <= 0:
+                self.fail(where, f"has height {h} and width {w}: expected positive sizes")
+            image_rows[iid] = len(rows)
+            rows.append((iid, name, os.path.join(image_dir, name), h, w))
+        return rows, image_rows
+
+
+def load_json(path: str):
+    """The parsed json file at path; FileNotFoundError / DataError naming it."""
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"{path}: annotation file not found")
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not a valid COCO annotation file: not JSON ({e})") from None
+
+
+def unknown_categories(path: str, unknown: list, known, policy: str, report: Report) -> None:
+    """Annotations whose category is not in 'categories' (unknown: descriptions): an error naming
+    the first (policy 'error'), else counted as left out."""
+    if unknown and policy == "error":
+        raise DataError(f"{path}: {len(unknown)} annotations have a category id not in 'categories' "
+                         f"(ids {sorted(known)}), e.g. {unknown[0]}; set data_config.unknown_category='skip' "
+                         "to leave them out")
+    report.add("unknown_category", len(unknown), unknown[:5])
+
 
 def read_instances(path: str, image_dir: str, unknown_category: str, report: Report):
     """An instances json -> (Records of every image listed, categories [(id, name)]).
@@ -96,35 +161,10 @@ def read_instances(path: str, image_dir: str, unknown_category: str, report: Rep
     Annotations whose category id is not in 'categories': an error naming the file and annotation id
     (``unknown_category='error'``) or left out and counted (``'skip'``).
     """
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"{path}: annotation file not found")
-    with tf.io.gfile.GFile(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not a valid COCO annotation file: not JSON ({e})") from None
-    check = _Checker(path)
-    images, annotations, categories = check.top_level(data)
-
-    cats = {}
-    for k, c in enumerate(categories):
-        cid = check.field(c, "id", f"categories[{k}]", "int")
-        if cid in cats:
-            check.fail(f"categories[{k}].id", f"= {cid} repeats an earlier category id")
-        cats[cid] = check.field(c, "name", f"categories[{k}]", "str")
-
-    rows, image_rows = [], {}
-    for k, im in enumerate(images):
-        where = f"images[{k}]"
-        iid = check.field(im, "id", where, "int")
-        if iid in image_rows:
-            check.fail(f"{where}.id", f"= {iid} repeats an earlier image id")
-        name = check.field(im, "file_name", where, "str")
-        h, w = check.field(im, "height", where, "int"), check.field(im, "width", where, "int")
-        if h <= 0 or w <= 0:
-            check.fail(where, f"has height {h} and width {w}: expected positive sizes")
-        image_rows[iid] = len(rows)
-        rows.append((iid, name, os.path.join(image_dir, name), h, w))
+    check = Checker(path)
+    images, annotations, categories = check.top_level(load_json(path))
+    cats = check.categories(categories)
+    rows, image_rows = check.images(images, image_dir)
 
     anns, unknown = [], []
     for k, a in enumerate(annotations):
@@ -141,24 +181,30 @@ def read_instances(path: str, image_dir: str, unknown_category: str, report: Rep
             unknown.append(f"{rows[image_rows[iid]][1]} (image id {iid}) annotation id {aid}: category_id {cid}")
             continue
         anns.append((image_rows[iid], aid, box, cid, bool(crowd), area))
-    if unknown and unknown_category == "error":
-        raise DataError(f"{path}: {len(unknown)} annotations have a category id not in 'categories' "
-                         f"(ids {sorted(cats)}), e.g. {unknown[0]}; set data_config.unknown_category='skip' "
-                         "to leave them out")
-    report.add("unknown_category", len(unknown), unknown[:5])
-    return build_records(rows, anns), sorted(cats.items())
+    unknown_categories(path, unknown, cats, unknown_category, report)
+    return build_records(rows, anns), sorted((cid, name) for cid, (name,) in cats.items())
 
 
-def present_files(records: Records) -> np.ndarray:
-    """[N] bool: the image file exists (one listing per folder, so it is fast on remote storage)."""
+def present_files(paths) -> np.ndarray:
+    """paths [N] str -> [N] bool: the file exists (one listing per folder, so it is fast on remote storage)."""
     listings = {}
-    present = np.zeros(len(records), bool)
-    for i, path in enumerate(records.path):
+    present = np.zeros(len(paths), bool)
+    for i, path in enumerate(paths):
         folder, name = os.path.split(path)
         if folder not in listings:
             listings[folder] = set(tf.io.gfile.listdir(folder)) if tf.io.gfile.isdir(folder) else set()
         present[i] = name in listings[folder]
     return present
+
+
+def present_images(records: Records, image_dir: str, annotation_file: str, split: str, report: Report) -> Records:
+    """The records of the images whose file exists; the missing ones counted, none there an error."""
+    present = present_files(records.path)
+    if len(records) and not present.any():
+        raise FileNotFoundError(f"{image_dir}: none of the {len(records)} images listed in {annotation_file} is "
+                                f"there (e.g. {records.file_name[0]}); check the image folder of the {split} split")
+    report.add("missing_image", int((~present).sum()), list(records.path[~present][:5]))
+    return records.select_images(present)
 
 
 class JsonSource(Source):
@@ -181,14 +227,10 @@ class JsonSource(Source):
 def load(data_config, split: str, process_index: int, process_count: int) -> JsonSource:
     """The JsonSource of a split (see ``split_paths`` for where it is read from)."""
     annotation_file, image_dir = split_paths(data_config, split)
+    check_masks(data_config, False, annotation_file)
     report = Report(f"{split} split of {annotation_file}")
     records, categories = read_instances(annotation_file, image_dir, data_config.unknown_category, report)
-    present = present_files(records)
-    if len(records) and not present.any():
-        raise FileNotFoundError(f"{image_dir}: none of the {len(records)} images listed in {annotation_file} is "
-                                f"there (e.g. {records.file_name[0]}); check the image folder of the {split} split")
-    report.add("missing_image", int((~present).sum()), list(records.path[~present][:5]))
-    records = records.select_images(present)
+    records = present_images(records, image_dir, annotation_file, split, report)
     info = make_info(categories, data_config.label_mapping, len(records))
     targets = clean_targets(records, info, data_config.max_boxes, data_config.max_boxes_policy, report)
     return JsonSource(annotation_file, data_config=data_config, split=split, info=info, records=records,

@@ -63,7 +63,8 @@ def load_image_files(paths, data_config) -> ImageFilesSource:
     if not rows:
         raise FileNotFoundError(f"none of the {len(paths)} image files could be read, e.g. {unreadable[0]}")
     records = build_records(rows, [])
-    info = DatasetInfo(num_classes=0, label_to_category_id=(), class_names=(), num_images=len(rows))
-    targets = Targets(boxes=np.zeros((0, 4)), labels=np.zeros(0, np.int64), splits=np.zeros(len(rows) + 1, np.int64))
+    info = DatasetInfo(num_classes=0, label_to_category_id=(), class_names=(), isthing=(), num_images=len(rows))
+    targets = Targets(boxes=np.zeros((0, 4)), labels=np.zeros(0, np.int64), segment_ids=np.zeros(0, np.int64),
+                      splits=np.zeros(len(rows) + 1, np.int64))
     return ImageFilesSource("", data_config=data_config, split="val", info=info, records=records, targets=targets,
                             report=report, process_index=0, process_count=1)

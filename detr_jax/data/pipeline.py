@@ -25,6 +25,16 @@ Batch (dict of numpy arrays, B = per-host batch size, M = max_boxes, (H, W) the 
   example_valid [B] bool: False for fillers (eval: padding of a host's last batches; train and
     eval: an image that could not be read, counted in the report). A filler is all padding,
     no boxes, image_id -1, sizes 0; training and evaluation leave it out of every loss term.
+With ``config.data.masks`` (a panoptic source), also:
+  segments [B, H, W] int32: the panoptic segment id of each pixel (the PNG's R + 256 G + 256^2 B)
+    after the image's flip, crop and resize, nearest: output pixel (i, j) takes the id of the
+    source pixel under its centre (``transforms.resample_segments``); 0 on void and padding (and
+    fillers). A pixel keeps its id where its segment is no target (left out by a crop, max_boxes or
+    an unknown category): it then matches no slot.
+  segment_ids [B, M] int32: the id in ``segments`` of each target slot, 0 where not box_valid; the
+    binary mask of slot m is ``segments == segment_ids[..., m, None, None]``.
+  A panoptic PNG that cannot be read, or lacks a target's segment id, makes its image a filler
+  (counted as unreadable_image).
 
 Train: ``steps_per_epoch`` global batches per epoch, all of one bucket each; the images of partly
 filled bucket batches at an epoch's end wait for the next epoch's shuffle (at most
@@ -46,8 +56,9 @@ from detr_jax.data.buckets import assign_buckets, check_buckets, default_buckets
 from detr_jax.data.registry import load_dataset
 from detr_jax.data.source import Source, resolve_host
 from detr_jax.data.transforms import (EXIF_APPLIED, EXIF_BY_SETTING, EXIF_IGNORED, EXIF_NONE, NUM_DRAWS, Params,
-                                      decode_rgb, eval_params, exif_orient, exif_orientation, normalize_and_pad,
-                                      resample_image, safely, train_params, transform_boxes, uniforms)
+                                      decode_rgb, decode_segment_ids, eval_params, exif_orient, exif_orientation,
+                                      normalize_and_pad, pad_segments, resample_image, resample_segments, safely,
+                                      train_params, transform_boxes, uniforms)
 from detr_jax.errors import ConfigError
 
 CHUNK = 1024  # plan rows handed to tf.data at a time (a tfds source hands its shuffle window)
@@ -113,8 +124,11 @@ def rank_in_batch(batch) -> np.ndarray:
     return rank
 
 
-def _row_spec(max_boxes: int) -> dict:
-    """One planned image: where to read it, how to transform it, its targets and its batch."""
+def _row_spec(max_boxes: int, masks: bool) -> dict:
+    """One planned image: where to read it (masks: and its panoptic PNG), how to transform it, its
+    targets and its batch."""
+    panoptic = {"panoptic_path": tf.TensorSpec([], tf.string), "panoptic_encoded": tf.TensorSpec([], tf.string),
+                "segment_ids": tf.TensorSpec([max_boxes], tf.int32)}
     return {
         "index": tf.TensorSpec([], tf.int64),  # row of source.records, -1 for a filler
         "rank": tf.TensorSpec([], tf.int64),  # position in the stream
@@ -130,15 +144,18 @@ def _row_spec(max_boxes: int) -> dict:
         "boxes": tf.TensorSpec([max_boxes, 4], tf.float32),
         "labels": tf.TensorSpec([max_boxes], tf.int32),
         "box_valid": tf.TensorSpec([max_boxes], tf.bool),
+        **(panoptic if masks else {}),
     }
 
 
-def _filler_rows(keys, canvas, max_boxes: int) -> dict:
+def _filler_rows(keys, canvas, max_boxes: int, masks: bool) -> dict:
     """Rows of fillers: batch numbers keys [n], canvases [n, 2]."""
     n = len(keys)
-    rows = {name: np.zeros((n, *spec.shape), spec.dtype.as_numpy_dtype) for name, spec in _row_spec(max_boxes).items()}
+    rows = {name: np.full((n, *spec.shape), b"", object) if spec.dtype == tf.string
+            else np.zeros((n, *spec.shape), spec.dtype.as_numpy_dtype)
+            for name, spec in _row_spec(max_boxes, masks).items()}
     rows.update(index=np.full(n, -1, np.int64), key=np.asarray(keys, np.int64), image_id=np.full(n, -1, np.int64),
-                path=np.full(n, b"", object), encoded=np.full(n, b"", object), canvas=np.asarray(canvas, np.int32))
+                canvas=np.asarray(canvas, np.int32))
     return rows
 
 
@@ -156,7 +173,7 @@ class PassPlan:
     size: np.ndarray
     canvas: np.ndarray
 
-    def rows(self, positions, source: Source, max_boxes: int) -> dict:
+    def rows(self, positions, source: Source, max_boxes: int, masks: bool) -> dict:
         """The rows (see ``_row_spec``) of stream positions [k], targets transformed and padded to M."""
         idx = self.order[positions]
         params = self.params.take(positions)
@@ -165,12 +182,15 @@ class PassPlan:
         flat = np.repeat(splits[idx] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
         owner = np.repeat(np.arange(len(idx)), counts)
         boxes, keep = transform_boxes(source.targets.boxes[flat], owner, source.records.orig_size[idx], params)
-        owner, boxes, labels = owner[keep], boxes[keep], source.targets.labels[flat][keep]
+        owner, boxes, flat = owner[keep], boxes[keep], flat[keep]
         slot = np.arange(len(owner)) - np.searchsorted(owner, owner)
-        out = _filler_rows(self.key[positions], self.canvas[positions], max_boxes)  # then filled in
+        out = _filler_rows(self.key[positions], self.canvas[positions], max_boxes, masks)  # then filled in
         out["boxes"][owner, slot] = boxes
-        out["labels"][owner, slot] = labels
+        out["labels"][owner, slot] = source.targets.labels[flat]
         out["box_valid"][owner, slot] = True
+        if masks:
+            out["segment_ids"][owner, slot] = source.targets.segment_ids[flat]
+            out["panoptic_path"] = source.records.panoptic_path[idx]
         out.update(index=idx.astype(np.int64), rank=np.asarray(positions, np.int64),
                    image_id=source.records.image_id[idx], path=source.records.path[idx],
                    orig_size=source.records.orig_size[idx].astype(np.int32), flip=params.flip,
@@ -227,7 +247,7 @@ def plan_eval(source: Source, data_config, buckets, batch_size: int):
     batch_bucket = np.full(num_batches, np.argmin(buckets[:, 0] * buckets[:, 1]))
     batch_bucket[batch] = bucket
     filler_keys = np.repeat(np.arange(num_batches), batch_size - members)
-    fillers = _filler_rows(filler_keys, buckets[batch_bucket[filler_keys]], data_config.max_boxes)
+    fillers = _filler_rows(filler_keys, buckets[batch_bucket[filler_keys]], data_config.max_boxes, data_config.masks)
     return PassPlan(order=order, key=batch, params=params, size=size, canvas=buckets[bucket]), fillers, num_batches
 
 
@@ -240,26 +260,55 @@ def read_order(plan: PassPlan, sequential: bool) -> np.ndarray:
     return mine[np.argsort(plan.key[mine], kind="stable")]
 
 
-def _plan_chunks(plans, source: Source, max_boxes: int, chunk: int):
+def _plan_chunks(plans, source: Source, max_boxes: int, masks: bool, chunk: int):
     """Rows of each plan in the order the source reads them (``read_order``), in chunks."""
     for plan in plans:
         read = read_order(plan, source.sequential)
         for start in range(0, len(read), chunk):
-            yield plan.rows(read[start:start + chunk], source, max_boxes)
+            yield plan.rows(read[start:start + chunk], source, max_boxes, masks)
+
+
+def _read(path, encoded):
+    """The bytes of file ``path``, or ``encoded`` where path is '' (a streamed record)."""
+    return tf.cond(tf.strings.length(path) > 0, lambda: tf.io.read_file(path), lambda: encoded)
+
+
+def _segment_ids_of(row):
+    """A mask row's panoptic PNG -> ids [h, w] int32; raises (making the row a filler) when a valid
+    target's segment id is not in it."""
+    ids = decode_segment_ids(_read(row["panoptic_path"], row["panoptic_encoded"]))
+    found = tf.reduce_any(row["segment_ids"][:, None] == tf.unique(tf.reshape(ids, [-1])).y[None, :], 1)
+    check = tf.debugging.assert_equal(found | ~row["box_valid"], True,
+                                      message="a target's segment id is not in its panoptic PNG")
+    with tf.control_dependencies([check]):
+        return tf.identity(ids)
 
 
 def _decoder(exif_policy: str):
-    """The tf.data function decoding a row's image, turned into its annotation's frame (``exif_orient``)."""
+    """The tf.data function decoding a row's image, turned into its annotation's frame (``exif_orient``),
+    and, for a mask row (with 'segment_ids'), its panoptic PNG into 'ids'."""
     def decode(row):
-        data = tf.cond(tf.strings.length(row["path"]) > 0, lambda: tf.io.read_file(row["path"]), lambda: row["encoded"])
+        data = _read(row["path"], row["encoded"])
         pixels, exif = exif_orient(decode_rgb(data), exif_orientation(data), row["orig_size"], exif_policy == "apply")
-        return {**row, "pixels": pixels, "decoded": tf.constant(True), "exif": exif}
+        ids = {"ids": _segment_ids_of(row)} if "segment_ids" in row else {}
+        return {**row, "pixels": pixels, "decoded": tf.constant(True), "exif": exif, **ids}
     return decode
 
 
 def _not_decoded(row):
+    ids = {"ids": tf.zeros([1, 1], tf.int32)} if "segment_ids" in row else {}
     return {**row, "pixels": tf.zeros([1, 1, 3], tf.uint8), "decoded": tf.constant(False),
-            "exif": tf.constant(EXIF_NONE, tf.int32)}
+            "exif": tf.constant(EXIF_NONE, tf.int32), **ids}
+
+
+def _segments(row):
+    """A decoded mask row -> segments [H, W] int32 and segment_ids [M] int32 (zeros for a filler)."""
+    ok, canvas = row["decoded"], row["canvas"]
+    segments = tf.cond(
+        ok, lambda: pad_segments(resample_segments(row["ids"], row["orig_size"], row["flip"], row["region"],
+                                                   row["size"]), canvas),
+        lambda: tf.zeros(canvas, tf.int32))
+    return {"segments": segments, "segment_ids": tf.where(ok, row["segment_ids"], tf.zeros_like(row["segment_ids"]))}
 
 
 def _example(row):
@@ -277,14 +326,15 @@ def _example(row):
         "orig_size": if_ok(row["orig_size"]), "size": if_ok(row["size"]), "example_valid": ok,
         "_key": row["key"], "_index": row["index"], "_failed": ~ok & (row["index"] >= 0),
         "_size_mismatch": ok & tf.reduce_any(tf.shape(row["pixels"])[:2] != row["orig_size"]), "_exif": row["exif"],
+        **(_segments(row) if "segment_ids" in row else {}),
     }
 
 
 def _batches_dataset(source: Source, data_config, plans, *, train: bool, batch_size: int, chunk: int,
                      fillers=None) -> tf.data.Dataset:
-    spec = _row_spec(data_config.max_boxes)
+    spec = _row_spec(data_config.max_boxes, data_config.masks)
     rows = tf.data.Dataset.from_generator(
-        lambda: _plan_chunks(plans(), source, data_config.max_boxes, chunk),
+        lambda: _plan_chunks(plans(), source, data_config.max_boxes, data_config.masks, chunk),
         output_signature={k: tf.TensorSpec([None, *s.shape], s.dtype) for k, s in spec.items()})
     rows = source.attach_images(rows, train, chunk)
     if fillers is not None:

@@ -2,8 +2,10 @@
 
 ``Records`` keeps what the annotation file says (for the ground truth of evaluation);
 ``clean_targets`` derives the training targets from it (crowd, degenerate, outside and surplus boxes
-left out, boxes clipped, each counted in the ``Report``); ``DatasetInfo`` maps labels (what the
-model predicts) to category ids (what COCO evaluation expects).
+left out, boxes clipped, each counted in the ``Report``; panoptic sources keep crowd segments and
+take boxes in ``masks_to_boxes``' convention, as official ``CocoPanoptic``); ``DatasetInfo`` maps
+labels (what the model predicts) to category ids (what COCO evaluation expects) and says which are
+things.
 """
 import dataclasses
 
@@ -14,6 +16,8 @@ from detr_jax.errors import DataError
 
 LABEL_MAPPINGS = ("category_id", "contiguous")
 MAX_BOXES_POLICIES = ("keep_largest", "error")
+IMAGE_FIELDS = ("image_id", "file_name", "path", "orig_size", "panoptic_path")  # [N, ...] fields of Records
+ANN_FIELDS = ("ann_id", "bbox", "category_id", "iscrowd", "area", "segment_id")  # [A, ...] fields of Records
 
 
 @dataclasses.dataclass
@@ -22,9 +26,11 @@ class Records:
 
     image_id [N] int64; file_name [N] str (as annotated, for messages and the ground truth);
     path [N] str (the file to read; '' where the source streams the bytes, as tfds does);
-    orig_size [N, 2] int64 (h, w) as annotated.
-    Annotations of image i are rows ann_splits[i]:ann_splits[i + 1] of ann_id [A] int64,
-    bbox [A, 4] float64 (x, y, w, h) pixels, category_id [A] int64, iscrowd [A] bool, area [A] float64.
+    orig_size [N, 2] int64 (h, w) as annotated; panoptic_path [N] str (the image's panoptic PNG; ''
+    where the source has none or streams it, as tfds does).
+    Annotations of image i are rows ann_splits[i]:ann_splits[i + 1] of ann_id [A] int64 (unique),
+    bbox [A, 4] float64 (x, y, w, h) pixels, category_id [A] int64, iscrowd [A] bool, area [A] float64,
+    segment_id [A] int64 (the annotation's id in the panoptic PNG, R + 256 G + 256^2 B; 0 without one).
     """
     image_id: np.ndarray
     file_name: np.ndarray
@@ -36,6 +42,8 @@ class Records:
     category_id: np.ndarray
     iscrowd: np.ndarray
     area: np.ndarray
+    panoptic_path: np.ndarray
+    segment_id: np.ndarray
 
     def __len__(self) -> int:
         return len(self.image_id)
@@ -47,7 +55,8 @@ class Records:
     def describe(self, ann: int) -> str:
         """'file_name (image id I) annotation id J' for annotation row ``ann``, for messages."""
         i = int(self.ann_owner()[ann]) if len(self) else 0
-        return f"{self.file_name[i]} (image id {self.image_id[i]}) annotation id {self.ann_id[ann]}"
+        segment = f" (segment id {self.segment_id[ann]})" if self.segment_id[ann] else ""
+        return f"{self.file_name[i]} (image id {self.image_id[i]}) annotation id {self.ann_id[ann]}{segment}"
 
     def select_images(self, keep) -> "Records":
         """The records of the images where keep [N] bool is True (their annotations with them)."""
@@ -55,9 +64,8 @@ class Records:
         ann_keep = keep[self.ann_owner()]
         counts = np.diff(self.ann_splits)[keep]
         return dataclasses.replace(
-            self, image_id=self.image_id[keep], file_name=self.file_name[keep], path=self.path[keep],
-            orig_size=self.orig_size[keep], ann_splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            **{f: getattr(self, f)[ann_keep] for f in ("ann_id", "bbox", "category_id", "iscrowd", "area")})
+            self, ann_splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            **{f: getattr(self, f)[keep] for f in IMAGE_FIELDS}, **{f: getattr(self, f)[ann_keep] for f in ANN_FIELDS})
 
     def select_annotations(self, keep) -> "Records":
         """The records without the annotations where keep [A] bool is False."""
@@ -65,12 +73,13 @@ class Records:
         counts = np.bincount(self.ann_owner()[keep], minlength=len(self))
         return dataclasses.replace(
             self, ann_splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-            **{f: getattr(self, f)[keep] for f in ("ann_id", "bbox", "category_id", "iscrowd", "area")})
+            **{f: getattr(self, f)[keep] for f in ANN_FIELDS})
 
 
 def build_records(images, annotations) -> Records:
-    """images: list of (image_id, file_name, path, h, w); annotations: list of
-    (image_row, ann_id, (x, y, w, h), category_id, iscrowd, area), image_row indexing ``images``."""
+    """images: list of (image_id, file_name, path, h, w[, panoptic_path]); annotations: list of
+    (image_row, ann_id, (x, y, w, h), category_id, iscrowd, area[, segment_id]), image_row indexing
+    ``images``; the optional last fields default to '' and 0 (no panoptic annotation)."""
     annotations = sorted(annotations, key=lambda a: a[0])  # stable: file order within an image
     owner = np.asarray([a[0] for a in annotations], np.int64)
     return Records(
@@ -83,7 +92,9 @@ def build_records(images, annotations) -> Records:
         bbox=np.asarray([a[2] for a in annotations], np.float64).reshape(-1, 4),
         category_id=np.asarray([a[3] for a in annotations], np.int64),
         iscrowd=np.asarray([a[4] for a in annotations], bool),
-        area=np.asarray([a[5] for a in annotations], np.float64))
+        area=np.asarray([a[5] for a in annotations], np.float64),
+        panoptic_path=np.asarray([im[5] if len(im) > 5 else "" for im in images], object),
+        segment_id=np.asarray([a[6] if len(a) > 6 else 0 for a in annotations], np.int64))
 
 
 def category_ids_of(labels, label_to_category_id) -> np.ndarray:
@@ -102,12 +113,15 @@ class DatasetInfo:
     num_classes: the model's class count (it has num_classes + 1 logits, the last no-object).
     label_to_category_id: [num_classes] category id of each label, -1 where a label is unused
       (label_mapping 'category_id' leaves the ids missing from 'categories' unused).
-    class_names: [num_classes] name of each label, '' where unused.
+    class_names: [num_classes] name of each label (things and stuff), '' where unused.
+    isthing: [num_classes] bool, False for the stuff categories of a panoptic dataset (True for
+      every label of a detection dataset, and for unused ones).
     num_images: images in the split (all hosts together).
     """
     num_classes: int
     label_to_category_id: tuple
     class_names: tuple
+    isthing: tuple
     num_images: int
 
     def category_ids(self, labels) -> np.ndarray:
@@ -125,63 +139,74 @@ class DatasetInfo:
 
 
 def make_info(categories, label_mapping: str, num_images: int) -> DatasetInfo:
-    """categories: (id, name) pairs -> DatasetInfo.
+    """categories: (id, name) or (id, name, isthing) tuples (isthing defaults to True) -> DatasetInfo.
 
     'category_id': label = category id, num_classes = max id + 1 (COCO: 91, as official DETR, so
-    official checkpoints fit). 'contiguous': label = index in the sorted ids, num_classes = count.
+    official checkpoints fit; COCO panoptic: 201, which the official 250-class models cover).
+    'contiguous': label = index in the sorted ids, num_classes = count.
     """
-    categories = sorted((int(i), str(n)) for i, n in categories)
+    categories = sorted((int(c[0]), str(c[1]), bool(c[2]) if len(c) > 2 else True) for c in categories)
     if label_mapping == "contiguous":
-        ids, names = [c[0] for c in categories], [c[1] for c in categories]
+        ids, names, things = ([c[k] for c in categories] for k in range(3))
     else:
         num = max((c[0] for c in categories), default=-1) + 1
-        ids, names = [-1] * num, [""] * num
-        for cid, name in categories:
-            ids[cid], names[cid] = cid, name
+        ids, names, things = [-1] * num, [""] * num, [True] * num
+        for cid, name, thing in categories:
+            ids[cid], names[cid], things[cid] = cid, name, thing
     return DatasetInfo(num_classes=len(ids), label_to_category_id=tuple(ids), class_names=tuple(names),
-                       num_images=int(num_images))
+                       isthing=tuple(things), num_images=int(num_images))
 
 
 @dataclasses.dataclass
 class Targets:
     """Training targets per image: rows splits[i]:splits[i + 1] of boxes [T, 4] float64 (x1, y1, x2,
-    y2) pixels inside the image, and labels [T] int64."""
+    y2) pixels inside the image, labels [T] int64 and segment_ids [T] int64 (the target's id in the
+    panoptic PNG; 0 for detection sources)."""
     boxes: np.ndarray
     labels: np.ndarray
+    segment_ids: np.ndarray
     splits: np.ndarray
 
 
-def box_checks(records: Records) -> dict:
+def box_checks(records: Records, crowd_exempt: bool = True) -> dict:
     """Per annotation [A]: "crowd", "degenerate" (width or height <= 0, or not finite), "clipped"
     (reaching outside the image; not degenerate), "outside" (entirely outside) bool masks, and
-    "boxes" [A, 4] (x0, y0, x1, y1) clipped to the image."""
+    "boxes" [A, 4] (x0, y0, x1, y1) clipped to the image. crowd_exempt: crowd annotations are never
+    degenerate, clipped or outside (they are not targets); False checks them like the others."""
     owner = records.ann_owner()
     x, y, w, h = records.bbox.T
     h_img, w_img = (records.orig_size[owner, i].astype(np.float64) for i in (0, 1))
-    crowd = records.iscrowd
+    crowd = records.iscrowd & crowd_exempt
     degenerate = ~crowd & ~(np.isfinite(records.bbox).all(1) & (w > 0) & (h > 0))
     with np.errstate(invalid="ignore"):
         xyxy = np.stack([x, y, x + w, y + h], 1)
         clipped = np.clip(xyxy, 0.0, np.stack([w_img, h_img, w_img, h_img], 1))
         moved = ~crowd & ~degenerate & (clipped != xyxy).any(1)
         outside = moved & ~((clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1]))
-    return {"crowd": crowd, "degenerate": degenerate, "clipped": moved & ~outside, "outside": outside,
+    return {"crowd": records.iscrowd, "degenerate": degenerate, "clipped": moved & ~outside, "outside": outside,
             "boxes": clipped}
 
 
-def clean_targets(records: Records, info: DatasetInfo, max_boxes: int, policy: str, report: Report) -> Targets:
+def clean_targets(records: Records, info: DatasetInfo, max_boxes: int, policy: str, report: Report,
+                  panoptic: bool = False) -> Targets:
     """The training targets of ``records``, as official DETR prepares them, every change counted.
 
     Left out: crowd annotations, boxes with width or height <= 0 or not finite, boxes entirely outside
     the image; clipped: boxes reaching outside; beyond ``max_boxes`` per image: the smallest boxes
     (policy 'keep_largest') or an error naming the images (policy 'error').
+    panoptic (official ``CocoPanoptic``): every segment is a target, crowd ones too (counted as
+    crowd_kept), and its box is official ``masks_to_boxes`` of its mask: (min column, min row, MAX
+    column, MAX row), so from the annotated (x, y, w, h): (x, y, x + w - 1, y + h - 1) (a segment
+    one pixel wide has a box of width 0, kept as official keeps it).
     """
     owner = records.ann_owner()
-    checks = box_checks(records)
+    checks = box_checks(records, crowd_exempt=not panoptic)
     clipped = checks["boxes"]
-    keep = ~checks["crowd"] & ~checks["degenerate"] & ~checks["outside"]
-    for kind, mask in (("crowd_excluded", "crowd"), ("degenerate_box", "degenerate"), ("clipped_box", "clipped"),
-                       ("outside_box", "outside")):
+    if panoptic:
+        clipped = np.concatenate([clipped[:, :2], np.maximum(clipped[:, 2:] - 1, clipped[:, :2])], 1)
+    keep = (panoptic | ~checks["crowd"]) & ~checks["degenerate"] & ~checks["outside"]
+    for kind, mask in (("crowd_kept" if panoptic else "crowd_excluded", "crowd"), ("degenerate_box", "degenerate"),
+                       ("clipped_box", "clipped"), ("outside_box", "outside")):
         rows = np.flatnonzero(checks[mask])
         report.add(kind, len(rows), [records.describe(a) for a in rows[:5]])
 
@@ -191,7 +216,7 @@ def clean_targets(records: Records, info: DatasetInfo, max_boxes: int, policy: s
     report.add("empty_image", len(empty),
                [f"{records.file_name[i]} (image id {records.image_id[i]})" for i in empty[:5]])
     return Targets(boxes=clipped[keep], labels=info.labels(records.category_id[keep]),
-                   splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
+                   segment_ids=records.segment_id[keep], splits=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
 
 
 def _limit_boxes(records, owner, keep, boxes, max_boxes, policy, report):

@@ -7,7 +7,8 @@ from absl import logging
 # kind -> what happened (the summary's wording)
 KINDS = {
     "missing_image": "image file not found: image left out",
-    "unreadable_image": "image could not be read or decoded: replaced by a filler (example_valid False)",
+    "unreadable_image": "image (or, with masks, its panoptic PNG; or a target's segment id is not in that PNG) "
+                        "could not be read or decoded: replaced by a filler (example_valid False)",
     "size_mismatch": "decoded image size differs from the annotation: resampled to the annotated frame",
     "unknown_category": "annotation with a category id not in 'categories': annotation left out",
     "degenerate_box": "box with width or height <= 0 (or not finite): annotation left out of the targets and "
@@ -16,6 +17,8 @@ KINDS = {
     "outside_box": "box entirely outside the image: annotation left out of the targets and the evaluation "
                    "ground truth",
     "crowd_excluded": "iscrowd annotation: left out of the targets (kept in the ground truth)",
+    "crowd_kept": "iscrowd panoptic segment: kept as a target, as official DETR panoptic does (and kept crowd in "
+                  "the ground truth)",
     "over_max_boxes": "more objects than max_boxes: the smallest boxes left out of the targets",
     "exif_applied": "EXIF orientation tag, annotated in the displayed frame: image turned as the tag says",
     "exif_ignored": "EXIF orientation tag, annotated in the stored frame (as COCO): tag ignored",
@@ -26,7 +29,7 @@ KINDS = {
     "epoch_leftover": "train images in partly filled bucket batches: not in that epoch (reshuffled next epoch)",
 }
 # normal with COCO: logged at info level, not as warnings
-EXPECTED = ("crowd_excluded", "epoch_leftover", "exif_ignored", "empty_image")
+EXPECTED = ("crowd_excluded", "crowd_kept", "epoch_leftover", "exif_ignored", "empty_image")
 NAMED = 5  # cases named in the log and kept in ``examples``, per kind
 
 

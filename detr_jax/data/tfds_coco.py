@@ -1,4 +1,5 @@
-"""COCO from TensorFlow Datasets (``coco/2017``, ``coco/2014``), with true COCO category ids.
+"""COCO from TensorFlow Datasets (``coco/2017``, ``coco/2014``, ``coco/2017_panoptic``), with true
+COCO category ids.
 
 tfds stores a label 0..79, the index of the category in the annotation file's (id-sorted)
 'categories'; ``COCO_CATEGORIES`` maps it back to the COCO category id (1..90), so that labels
@@ -6,6 +7,13 @@ tfds stores a label 0..79, the index of the category in the annotation file's (i
 true ids. Boxes are stored normalised; they are turned back into pixels with the image size read
 from each JPEG header. Loading reads every record of the needed part once, without decoding images:
 a host's slice for train, the whole split for val (so every host knows every host's eval batches).
+
+``coco/2017_panoptic`` (features panoptic_image, panoptic_objects {id, area, bbox, is_crowd, label})
+is read as official ``CocoPanoptic`` reads a COCO panoptic folder (see ``coco_panoptic``): its label
+0..132 is mapped to the COCO panoptic category id (1..200, ``PANOPTIC_CATEGORIES``, panopticapi's
+panoptic_coco_categories.json with isthing), so 'category_id' labels fit official DETR panoptic's
+250 classes; each segment (crowd too) is a target, its box back in integer pixels; the PNG is
+streamed with the image (``config.data.masks``) and read again for ``panoptic_ground_truth``.
 """
 import numpy as np
 import tensorflow as tf
@@ -13,7 +21,7 @@ import tensorflow_datasets as tfds
 
 from detr_jax.data.records import build_records, clean_targets, make_info
 from detr_jax.data.report import Report
-from detr_jax.data.source import Source
+from detr_jax.data.source import Source, check_masks
 from detr_jax.data.transforms import decode_rgb, safely
 from detr_jax.errors import DataError
 
@@ -34,14 +42,66 @@ COCO_CATEGORIES = (
     (85, "clock"), (86, "vase"), (87, "scissors"), (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
 )
 
+# (COCO panoptic category id, name, isthing) of tfds coco/2017_panoptic labels 0..132
+PANOPTIC_CATEGORIES = (
+    (1, "person", True), (2, "bicycle", True), (3, "car", True), (4, "motorcycle", True), (5, "airplane", True),
+    (6, "bus", True), (7, "train", True), (8, "truck", True), (9, "boat", True), (10, "traffic light", True),
+    (11, "fire hydrant", True), (13, "stop sign", True), (14, "parking meter", True), (15, "bench", True),
+    (16, "bird", True), (17, "cat", True), (18, "dog", True), (19, "horse", True), (20, "sheep", True),
+    (21, "cow", True), (22, "elephant", True), (23, "bear", True), (24, "zebra", True), (25, "giraffe", True),
+    (27, "backpack", True), (28, "umbrella", True), (31, "handbag", True), (32, "tie", True), (33, "suitcase", True),
+    (34, "frisbee", True), (35, "skis", True), (36, "snowboard", True), (37, "sports ball", True), (38, "kite", True),
+    (39, "baseball bat", True), (40, "baseball glove", True), (41, "skateboard", True), (42, "surfboard", True),
+    (43, "tennis racket", True), (44, "bottle", True), (46, "wine glass", True), (47, "cup", True),
+    (48, "fork", True), (49, "knife", True), (50, "spoon", True), (51, "bowl", True), (52, "banana", True),
+    (53, "apple", True), (54, "sandwich", True), (55, "orange", True), (56, "broccoli", True), (57, "carrot", True),
+    (58, "hot dog", True), (59, "pizza", True), (60, "donut", True), (61, "cake", True), (62, "chair", True),
+    (63, "couch", True), (64, "potted plant", True), (65, "bed", True), (67, "dining table", True),
+    (70, "toilet", True), (72, "tv", True), (73, "laptop", True), (74, "mouse", True), (75, "remote", True),
+    (76, "keyboard", True), (77, "cell phone", True), (78, "microwave", True), (79, "oven", True),
+    (80, "toaster", True), (81, "sink", True), (82, "refrigerator", True), (84, "book", True), (85, "clock", True),
+    (86, "vase", True), (87, "scissors", True), (88, "teddy bear", True), (89, "hair drier", True),
+    (90, "toothbrush", True), (92, "banner", False), (93, "blanket", False), (95, "bridge", False),
+    (100, "cardboard", False), (107, "counter", False), (109, "curtain", False), (112, "door-stuff", False),
+    (118, "floor-wood", False), (119, "flower", False), (122, "fruit", False), (125, "gravel", False),
+    (128, "house", False), (130, "light", False), (133, "mirror-stuff", False), (138, "net", False),
+    (141, "pillow", False), (144, "platform", False), (145, "playingfield", False), (147, "railroad", False),
+    (148, "river", False), (149, "road", False), (151, "roof", False), (154, "sand", False), (155, "sea", False),
+    (156, "shelf", False), (159, "snow", False), (161, "stairs", False), (166, "tent", False), (168, "towel", False),
+    (171, "wall-brick", False), (175, "wall-stone", False), (176, "wall-tile", False), (177, "wall-wood", False),
+    (178, "water-other", False), (180, "window-blind", False), (181, "window-other", False),
+    (184, "tree-merged", False), (185, "fence-merged", False), (186, "ceiling-merged", False),
+    (187, "sky-other-merged", False), (188, "cabinet-merged", False), (189, "table-merged", False),
+    (190, "floor-other-merged", False), (191, "pavement-merged", False), (192, "mountain-merged", False),
+    (193, "grass-merged", False), (194, "dirt-merged", False), (195, "paper-merged", False),
+    (196, "food-other-merged", False), (197, "building-other-merged", False), (198, "rock-merged", False),
+    (199, "wall-other-merged", False), (200, "rug-merged", False),
+)
+
+
+def is_panoptic(builder) -> bool:
+    """The tfds dataset has panoptic annotations (coco/2017_panoptic) rather than boxes."""
+    return "panoptic_objects" in builder.info.features
+
+
+def _objects_key(builder) -> str:
+    return "panoptic_objects" if is_panoptic(builder) else "objects"
+
+
+def _categories(builder) -> tuple:
+    return PANOPTIC_CATEGORIES if is_panoptic(builder) else COCO_CATEGORIES
+
 
 def check_labels(builder) -> None:
-    """The tfds label names must be COCO's (unnamed labels '0'..'79' are taken as COCO's order)."""
-    names = list(builder.info.features["objects"]["label"].names)
-    expected = [name for _, name in COCO_CATEGORIES]
+    """The tfds label names must be COCO's (panoptic: COCO panoptic's); unnamed labels '0'..'K-1' are
+    taken as that order."""
+    names = list(builder.info.features[_objects_key(builder)]["label"].names)
+    categories = _categories(builder)
+    expected = [c[1] for c in categories]
     if names != expected and names != [str(i) for i in range(len(expected))]:
-        raise DataError(f"tfds {builder.name}: its {len(names)} labels are not COCO's 80 categories "
-                         f"(first ones: {names[:5]}); use data_config.source='coco_json' for other datasets")
+        raise DataError(f"tfds {builder.name}: its {len(names)} labels are not COCO's {len(categories)} "
+                         f"{'panoptic ' if is_panoptic(builder) else ''}categories (first ones: {names[:5]}); use "
+                         "data_config.source='coco_json' or 'coco_panoptic' for other datasets")
 
 
 def _image_size(example):
@@ -56,17 +116,22 @@ def _no_size(example):
 
 
 def _records_dataset(builder, split: str, lo: int, hi: int) -> tf.data.Dataset:
-    """Records lo..hi-1 of a split, in canonical (file) order, images not decoded."""
-    return builder.as_dataset(split=f"{split}[{lo}:{hi}]", decoders={"image": tfds.decode.SkipDecoding()},
+    """Records lo..hi-1 of a split, in canonical (file) order, images (and panoptic PNGs) not decoded."""
+    skip = ("image", "panoptic_image") if is_panoptic(builder) else ("image",)
+    return builder.as_dataset(split=f"{split}[{lo}:{hi}]", decoders={k: tfds.decode.SkipDecoding() for k in skip},
                               shuffle_files=False)
 
 
 def read_records(builder, split: str, lo: int, hi: int):
-    """Records lo..hi-1 of a tfds COCO split -> Records (file names as stored, path '')."""
+    """Records lo..hi-1 of a tfds COCO split -> Records (file names as stored, path '').
+
+    Panoptic: ann_id is the segment's position in the split (1, 2, ...), segment_id its PNG id, and
+    boxes are rounded to the integer pixels COCO panoptic annotates."""
+    key, categories, panoptic = _objects_key(builder), _categories(builder), is_panoptic(builder)
     meta = (_records_dataset(builder, split, lo, hi)
             .interleave(safely(_image_size, _no_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
             .map(lambda ex: {"id": ex["image/id"], "file_name": ex["image/filename"], "size": ex["size"],
-                             "objects": ex["objects"]}))
+                             "objects": ex[key]}))
     images, annotations = [], []
     for row, ex in enumerate(meta.as_numpy_iterator()):
         h, w = (int(v) for v in ex["size"])
@@ -77,18 +142,22 @@ def read_records(builder, split: str, lo: int, hi: int):
         images.append((int(ex["id"]), name, "", h, w))
         obj = ex["objects"]
         ymin, xmin, ymax, xmax = np.asarray(obj["bbox"], np.float64).reshape(-1, 4).T
-        for k in range(len(obj["id"])):
-            box = (xmin[k] * w, ymin[k] * h, (xmax[k] - xmin[k]) * w, (ymax[k] - ymin[k]) * h)
-            annotations.append((row, int(obj["id"][k]), box, COCO_CATEGORIES[int(obj["label"][k])][0],
-                                bool(obj["is_crowd"][k]), float(obj["area"][k])))
+        boxes = np.stack([xmin * w, ymin * h, (xmax - xmin) * w, (ymax - ymin) * h], 1)
+        for k, box in enumerate(np.round(boxes) if panoptic else boxes):
+            ann_id = len(annotations) + 1 if panoptic else int(obj["id"][k])
+            annotations.append((row, ann_id, tuple(box), categories[int(obj["label"][k])][0], bool(obj["is_crowd"][k]),
+                                float(obj["area"][k]), int(obj["id"][k]) if panoptic else 0))
     return build_records(images, annotations)
 
 
 def _merge_window(rows, images):
-    """A window of plan rows (canonical order) with its images -> the window in stream order."""
+    """A window of plan rows (canonical order) with its images (and panoptic PNGs) -> the window in
+    stream order."""
     tf.debugging.assert_equal(rows["image_id"], images["image/id"],
                               message="tfds records arrived in another order than when the dataset was loaded")
     rows = {**rows, "encoded": images["image"]}
+    if "panoptic_image" in images:
+        rows["panoptic_encoded"] = images["panoptic_image"]
     order = tf.argsort(rows["rank"], stable=True)
     return {k: tf.gather(v, order) for k, v in rows.items()}
 
@@ -112,11 +181,19 @@ class TfdsSource(Source):
 
     def attach_images(self, rows, train, chunk):
         lo, hi = (0, len(self.records)) if train else self.bounds[self.process_index]
+        fields = ("image", "image/id", "panoptic_image") if self.data_config.masks else ("image", "image/id")
         images = _records_dataset(self.builder, self.tfds_split, lo, hi).map(
-            lambda ex: {"image": ex["image"], "image/id": ex["image/id"]}).batch(chunk)
+            lambda ex: {k: ex[k] for k in fields}).batch(chunk)
         if train:
             images = images.repeat()
         return tf.data.Dataset.zip(rows, images).map(_merge_window).unbatch()
+
+    def panoptic_png(self, row):
+        """Reads record ``row`` of the split again (tfds reads sequentially: a slice of one record)."""
+        if not self.panoptic:
+            return super().panoptic_png(row)
+        record = _records_dataset(self.builder, self.tfds_split, row, row + 1).map(lambda ex: ex["panoptic_image"])
+        return next(iter(record)).numpy()
 
 
 def load(data_config, split: str, process_index: int, process_count: int) -> TfdsSource:
@@ -128,12 +205,15 @@ def load(data_config, split: str, process_index: int, process_count: int) -> Tfd
                          f"{sorted(builder.info.splits) or 'none'}); prepare it with `tfds build "
                          f"{data_config.tfds_name}` or set data_config.tfds_data_dir")
     check_labels(builder)
+    check_masks(data_config, is_panoptic(builder), f"tfds {data_config.tfds_name}")
     n = builder.info.splits[tfds_split].num_examples
     bounds = [(q * n // process_count, (q + 1) * n // process_count) for q in range(process_count)]
     report = Report(f"{split} split of tfds {data_config.tfds_name}")
     records = read_records(builder, tfds_split, 0, n)
-    info = make_info(COCO_CATEGORIES, data_config.label_mapping, n)
-    targets = clean_targets(records, info, data_config.max_boxes, data_config.max_boxes_policy, report)
+    panoptic = is_panoptic(builder)
+    info = make_info(_categories(builder), data_config.label_mapping, n)
+    targets = clean_targets(records, info, data_config.max_boxes, data_config.max_boxes_policy, report,
+                            panoptic=panoptic)
     return TfdsSource(builder, tfds_split, bounds, data_config=data_config, split=split, info=info,
                       records=records, targets=targets, report=report, process_index=process_index,
-                      process_count=process_count)
+                      process_count=process_count, panoptic=panoptic)

@@ -4,7 +4,9 @@ Every random choice is drawn here, in numpy, as a stateless function of (seed, e
 (``uniforms``), before any image is read. A transform is then a handful of numbers per image
 (``Params``): a horizontal flip, a region of the (flipped) original image and the output size. The
 boxes follow the official step-by-step arithmetic (``transform_boxes``); the pixels are resampled
-once, region to output size, with an antialiased bilinear kernel (``resample_image``). The official
+once, region to output size, with an antialiased bilinear kernel (``resample_image``); a panoptic
+segment-id map (``decode_segment_ids``) is sampled nearest, at the same pixel centres
+(``resample_segments``), so masks move exactly with the image. The official
 crop branch resizes twice (to 400/500/600, crop, to the final size): here the crop is mapped back to
 the original image, so the geometry is the same and the image is interpolated only once.
 
@@ -169,6 +171,40 @@ def resample_image(pixels, orig_size, flip, region, size):
     return tf.raw_ops.ScaleAndTranslate(
         images=tf.cast(pixels, tf.float32)[None], size=size, scale=scale, translation=translation,
         kernel_type="triangle", antialias=True)[0]
+
+
+def resample_segments(ids, orig_size, flip, region, size):
+    """The segment-id side of a transform, nearest (TensorFlow, inside tf.data).
+
+    ids [h0, w0] int32 (``decode_segment_ids``); orig_size, flip, region, size as ``resample_image``
+    -> [h, w] int32: output pixel (i, j) takes the id of the flipped original's pixel
+    (floor(y + (i + 0.5) h_r / h), floor(x + (j + 0.5) w_r / w)) for region (y, x, h_r, w_r): the
+    source pixel under the output pixel's centre, as ``resample_image`` maps it.
+    """
+    ids = tf.cond(flip, lambda: tf.reverse(ids, [1]), lambda: ids)
+    shape = tf.shape(ids)
+    region = region * tf.tile(tf.cast(shape, tf.float32) / tf.cast(orig_size, tf.float32), [2])
+
+    def sources(start, extent, out, limit):
+        centres = (tf.range(out, dtype=tf.float32) + 0.5) * extent / tf.cast(out, tf.float32)
+        return tf.clip_by_value(tf.cast(tf.floor(start + centres), tf.int32), 0, limit - 1)
+
+    rows = sources(region[0], region[2], size[0], shape[0])
+    cols = sources(region[1], region[3], size[1], shape[1])
+    return tf.gather(tf.gather(ids, rows, axis=0), cols, axis=1)
+
+
+def pad_segments(ids, canvas):
+    """ids [h, w] int32, canvas [2] int32 -> [H, W] int32, 0 (void) on the bottom/right padding."""
+    hw = tf.shape(ids)
+    return tf.pad(ids, [[0, canvas[0] - hw[0]], [0, canvas[1] - hw[1]]])
+
+
+def decode_segment_ids(data):
+    """Encoded panoptic PNG bytes -> [h, w] int32 segment ids, R + 256 G + 256^2 B (panopticapi's
+    ``rgb2id``; 0 is void). Raises on corrupt or truncated data."""
+    rgb = tf.cast(tf.io.decode_png(data, channels=3), tf.int32)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
 
 
 def normalize_and_pad(image, canvas):

@@ -126,6 +126,6 @@ def evaluate_checkpoint(config, workdir, *, checkpoint: str = "", step: int | No
                       name=None if loaded.step is not None else loaded.name, source=source,
                       score_threshold=float(settings.score_threshold), topk=int(settings.topk),
                       ground_truth=settings.ground_truth or None, loss_config=loss_config_for(config, loaded),
-                      padding=settings.padding, log=log)
+                      padding=settings.padding, panoptic_threshold=float(settings.panoptic_threshold), log=log)
     log(source.report.summary())  # after the pass: includes images that could not be read
     return result

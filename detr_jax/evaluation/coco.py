@@ -91,15 +91,16 @@ def load_results(gt: COCO, results: list[dict]) -> COCO:
                            "categories": list(gt.dataset["categories"])})
 
 
-def run_cocoeval(gt: COCO, results: list[dict], image_ids) -> tuple[COCOeval, str]:
-    """COCOeval bbox over ``image_ids`` (the evaluated images) -> (the evaluator, after evaluate,
-    accumulate and summarize, and the text summarize() printed: pycocotools' standard layout)."""
+def run_cocoeval(gt: COCO, results: list[dict], image_ids, iou_type: str = "bbox") -> tuple[COCOeval, str]:
+    """COCOeval ``iou_type`` ("bbox", or "segm" for results with RLE masks) over ``image_ids`` (the
+    evaluated images) -> (the evaluator, after evaluate, accumulate and summarize, and the text
+    summarize() printed: pycocotools' standard layout)."""
     image_ids = sorted(int(i) for i in image_ids)
     missing = set(image_ids) - set(gt.getImgIds())
     if missing:
         raise ValueError(f"the ground truth has no images with ids {sorted(missing)[:5]} (of {len(missing)} "
                          "evaluated images it lacks); it must describe the evaluated split")
-    evaluator = COCOeval(gt, load_results(gt, results), "bbox")
+    evaluator = COCOeval(gt, load_results(gt, results), iou_type)
     evaluator.params.imgIds = image_ids
     quietly(evaluator.evaluate)
     quietly(evaluator.accumulate)

@@ -13,6 +13,11 @@ of the given step (e.g. eval/step_000100/), else the given ``name``, else ``resu
                      num_detections, per_class and the settings used
   per_class_ap.csv   category_id, name, num_gt, AP, AP50, AP75 per category
   summary.txt        pycocotools' summary and the per-class table, as printed
+and for a model with the mask head (``config.model.masks``, ``detr_jax.evaluation.masks``):
+  panoptic/*.png, panoptic.json   the panoptic predictions in the COCO panoptic format (ids 1..n)
+  segm_results.json  the instance masks of the detections, COCO segm results (RLE)
+  metrics.json gains PQ, SQ, RQ (All, Things, Stuff: PQ_th ...; fractions), per-class PQ and the 12
+  segm COCOeval numbers (segm_AP, segm_AP50, ...); summary.txt the PQ table and the segm summary.
 """
 import json
 import time
@@ -25,10 +30,13 @@ from jax.experimental import multihost_utils
 from detr_jax import config as config_lib
 from detr_jax.classification import classification as classification_of
 from detr_jax.evaluation import coco
-from detr_jax.evaluation.inference import gather_hosts, host_batch_size, predict_batches, predictor
+from detr_jax.evaluation.inference import gather_hosts, has_mask_head, host_batch_size, predict_batches, predictor
+from detr_jax.evaluation.masks import MaskScorer
 from detr_jax.parallel import local_mesh
 
 NUMBERS = (*coco.METRIC_NAMES, "num_images", "num_detections")  # what process 0 sends to the others
+PQ_NAMES = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st")
+SEGM_NAMES = tuple(f"segm_{name}" for name in coco.METRIC_NAMES)
 
 
 def eval_dir(workdir, *, step: int | None = None, name: str | None = None) -> Path:
@@ -76,6 +84,27 @@ def score_predictions(predictions: dict, source, gt, *, score_threshold: float =
             "per_class": coco.per_class_ap(evaluator), "summary": summary, "results": results}
 
 
+def score_masks(scorer, log=None) -> dict:
+    """A gathered ``MaskScorer`` -> {PQ_NAMES: float, "per_class_pq", SEGM_NAMES: float, "segm_summary",
+    "pq_table", "segm_results"} (process 0)."""
+    results = scorer.summary()
+    numbers = {}
+    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
+        numbers.update({f"{k.upper()}{suffix}": results[group][k] for k in ("pq", "sq", "rq")})
+    gt = coco.coco_from_dict(scorer.segm_ground_truth())
+    evaluator, segm_summary = coco.run_cocoeval(gt, scorer.segm_results, [i["id"] for i in scorer.images],
+                                                iou_type="segm")
+    segm = {f"segm_{k}": v for k, v in coco.stats_dict(evaluator).items()}
+    return {**numbers, **segm, "per_class_pq": results["per_class"], "pq_table": pq_table(results),
+            "segm_summary": segm_summary, "segm_results": scorer.segm_results}
+
+
+def pq_table(results: dict) -> str:
+    from detr_jax.evaluation.panoptic_quality import format_table
+
+    return format_table(results)
+
+
 def val_loss_terms(loss_sums: dict, loss_config) -> dict:
     """The loss of the whole val split from its per-batch sums: {"val_loss" (weighted total),
     "val_" + each term of ``compute_loss`` (val_loss_ce, val_loss_bbox, val_loss_giou,
@@ -104,7 +133,14 @@ def write_outputs(directory: Path, scored: dict, val_loss: dict, settings: dict)
                **{k: scored[k] for k in ("num_images", "num_detections", "per_class")}}
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     coco.write_per_class_csv(directory / "per_class_ap.csv", scored["per_class"])
-    (directory / "summary.txt").write_text(scored["summary"] + "\n" + coco.format_per_class(scored["per_class"]) + "\n")
+    text = scored["summary"] + "\n" + coco.format_per_class(scored["per_class"]) + "\n"
+    if "PQ" in scored:
+        metrics.update({k: scored[k] for k in PQ_NAMES + SEGM_NAMES})
+        metrics["per_class_pq"] = {str(k): v for k, v in scored["per_class_pq"].items()}
+        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        (directory / "segm_results.json").write_text(json.dumps(scored["segm_results"]))
+        text += "panoptic quality:\n" + scored["pq_table"] + "\nsegm:\n" + scored["segm_summary"]
+    (directory / "summary.txt").write_text(text)
 
 
 def broadcast_numbers(values: np.ndarray) -> np.ndarray:
@@ -130,7 +166,8 @@ def _check_options(model, batch_size: int, score_threshold: float, topk: int) ->
 
 def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, step: int | None = None,
              name: str | None = None, source=None, score_threshold: float = 0.0, topk: int = 0,
-             ground_truth: str | None = None, loss_config=None, padding: str = "exact", log=print) -> dict:
+             ground_truth: str | None = None, loss_config=None, padding: str = "exact",
+             panoptic_threshold: float = 0.85, log=print) -> dict:
     """COCO bbox evaluation and loss terms of ``model`` with ``variables`` on the val split of ``data_config``.
 
     model: ``build_model(config.model)``; variables: {"params", "buffers"} (numpy or jax arrays);
@@ -147,6 +184,8 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
       the official loss).
     padding: config.model.padding of the evaluation, whatever the model was trained with
       (config.eval.padding; "exact": each image as if alone, so no bucket or batch moves a box).
+    panoptic_threshold: a model with the mask head: the score a query needs to make a panoptic
+      segment (config.eval.panoptic_threshold; 0.85 as official).
     log: where process 0 prints the summary and per-class table (None: silent).
 
     Detections whose label has no category id (unused labels, -1 in
@@ -174,16 +213,27 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
         raise ValueError("the val split has no images to evaluate (see the data report)")
     loss_config = loss_config if loss_config is not None else config_lib.loss_config()
     start = time.perf_counter()
+    scorer = (MaskScorer(source, num_classes=model.num_classes, threshold=panoptic_threshold) if has_mask_head(model)
+              else None)
     predictions = predict_split(model, variables, data_config, source, batch_size=batch_size, topk=topk,
-                                loss_config=loss_config, padding=padding)
+                                loss_config=loss_config, padding=padding, masks=scorer)
     val_loss = val_loss_terms(predictions["loss_sums"], loss_config)  # the same on every process
     timings = {"inference_seconds": time.perf_counter() - start, "cocoeval_seconds": 0.0}
     directory = None if workdir is None else eval_dir(workdir, step=step, name=name)
+    if scorer is not None:
+        if directory is not None:
+            scorer.write_pngs(directory)
+        scorer.gather()
+    numbers_of = NUMBERS + (PQ_NAMES + SEGM_NAMES if scorer is not None else ())
     scored = None
     if jax.process_index() == 0:
         start = time.perf_counter()
         scored = score_predictions(predictions, source, ground_truth_coco(source, ground_truth),
                                    score_threshold=score_threshold)
+        if scorer is not None:
+            scored.update(score_masks(scorer), panoptic_threshold=panoptic_threshold)
+            if directory is not None:
+                scorer.write_json(directory)
         timings["cocoeval_seconds"] = time.perf_counter() - start
         if log is not None:
             _log_scored(log, scored, val_loss, source, ground_truth)
@@ -191,23 +241,25 @@ def evaluate(model, variables, data_config, *, batch_size: int, workdir=None, st
             write_outputs(directory, scored, val_loss, {"step": step, "name": name, "batch_size": batch_size,
                                               "score_threshold": score_threshold, "topk": topk,
                                               "ground_truth": ground_truth or "source"})
-    numbers = broadcast_numbers(np.asarray([scored[k] for k in NUMBERS] if scored else [0.0] * len(NUMBERS)))
-    return {**{k: float(v) for k, v in zip(coco.METRIC_NAMES, numbers)}, **val_loss,
-            "num_images": int(numbers[-2]), "num_detections": int(numbers[-1]),
+    numbers = broadcast_numbers(np.asarray([scored[k] for k in numbers_of] if scored else [0.0] * len(numbers_of)))
+    named = dict(zip(numbers_of, numbers.tolist()))
+    return {**{k: float(named[k]) for k in numbers_of if k not in ("num_images", "num_detections")}, **val_loss,
+            "num_images": int(named["num_images"]), "num_detections": int(named["num_detections"]),
             "per_class": scored["per_class"] if scored else [], "summary": scored["summary"] if scored else "",
             "eval_dir": None if directory is None else str(directory), **timings}
 
 
 def predict_split(model, variables, data_config, source, *, batch_size: int, topk: int, loss_config,
-                  padding: str) -> dict:
+                  padding: str, masks=None) -> dict:
     """Every host's predictions and loss sums of the val split (``predict_batches``), gathered on
-    every process. batch_size: global (see ``evaluate``)."""
+    every process. batch_size: global (see ``evaluate``). masks: a MaskScorer (model with the mask
+    head), fed this host's masks batch by batch."""
     from detr_jax import data
 
     host_batch = host_batch_size(batch_size, jax.process_count(), jax.local_device_count())
     batches = data.eval_batches(data_config, host_batch, source=source)
     predict = predictor(model, topk, loss_config=loss_config, padding=padding)
-    return gather_hosts(predict_batches(predict, variables, batches, source.records.image_id, local_mesh()))
+    return gather_hosts(predict_batches(predict, variables, batches, source.records.image_id, local_mesh(), masks))
 
 
 def _log_scored(log, scored: dict, val_loss: dict, source, ground_truth) -> None:
@@ -219,6 +271,10 @@ def _log_scored(log, scored: dict, val_loss: dict, source, ground_truth) -> None
     log(scored["summary"].rstrip("\n"))
     log("per-class AP (IoU 0.50:0.95, area all, 100 detections; -1: no ground truth):")
     log(coco.format_per_class(scored["per_class"]))
+    if "PQ" in scored:
+        log(f"panoptic quality (official PostProcessPanoptic, threshold {scored['panoptic_threshold']:g}):\n"
+            + scored["pq_table"])
+        log("segm (official PostProcessSegm):\n" + scored["segm_summary"].rstrip("\n"))
     log(f"val loss: {format_val_loss(val_loss)}")
 
 

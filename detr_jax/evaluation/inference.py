@@ -14,12 +14,20 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from detr_jax.classification import classification as classification_of
 from detr_jax.evaluation.postprocess import postprocess
 from detr_jax.parallel import AXIS, local_mesh
 
 
 
 TARGET_KEYS = ("labels", "boxes", "box_valid", "example_valid")  # the batch fields the loss reads
+MASK_TARGET_KEYS = ("segments", "segment_ids")  # and with the mask head
+MASK_OUTPUT_KEYS = ("query_scores", "query_labels", "pred_masks", "pred_masks_hw")  # what the host's MaskScorer reads
+
+
+def has_mask_head(model) -> bool:
+    """Whether ``model`` returns pred_masks (a DETR with ``masks``; a custom module without the field has none)."""
+    return bool(getattr(model, "masks", False))
 
 
 class Predictor:
@@ -51,6 +59,10 @@ class Predictor:
                                  topk=self.topk)
         if sown is not None:
             detections.update(attention_maps(sown, detections["queries"]))
+        if has_mask_head(self.model):
+            scores, labels = classification_of(self.model.classification).query_classes(outputs["pred_logits"])
+            detections.update(query_scores=scores, query_labels=labels, pred_masks=outputs["pred_masks"],
+                              pred_masks_hw=outputs["pred_masks_hw"])
         if self.loss_config is not None:
             detections["loss_sums"] = self._loss_sums(outputs, targets)
         return detections
@@ -120,22 +132,29 @@ def run_batches(predict, variables, batches, mesh: Mesh):
     variables = jax.device_put(variables, replicated)
     for batch in batches:
         inputs = jax.device_put((batch["image"], batch["padding_mask"], batch["orig_size"]), data)
-        targets = None if predict.loss_config is None else jax.device_put({k: batch[k] for k in TARGET_KEYS}, data)
+        keys = TARGET_KEYS + (MASK_TARGET_KEYS if has_mask_head(predict.model) else ())
+        targets = None if predict.loss_config is None else jax.device_put({k: batch[k] for k in keys}, data)
         yield batch, predict(variables, *inputs, targets)
 
 
-def predict_batches(predict, variables, batches, record_image_ids, mesh: Mesh) -> dict:
+def predict_batches(predict, variables, batches, record_image_ids, mesh: Mesh, masks=None) -> dict:
     """Run ``predict`` (a Predictor) over every batch of ``batches`` (an ``eval_batches`` iterator).
 
     -> this host's predictions, numpy, one row per batch slot in batch order (n = num_batches x B):
     {"record" [n] int32 (row of the source's records, -1 for fillers), "scores" [n, K] float32,
     "labels" [n, K] int32, "boxes" [n, K, 4] float32 (x0, y0, x1, y1) original pixels}; with a loss
     config also "loss_sums": {term: [num_batches, 2] float32}, one (numerator, denominator) per batch.
+    masks: a ``masks.MaskScorer`` for a model with the mask head: each batch's masks go to it as the
+    batch arrives (they are not kept).
     """
     row_of = {int(image_id): row for row, image_id in enumerate(record_image_ids)}
     rows, outputs = [], []
     for batch, output in run_batches(predict, variables, batches, mesh):
         rows.append(record_rows(batch["image_id"], batch["example_valid"], row_of))
+        if masks is not None:
+            output = jax.device_get(output)
+            masks.add_batch(rows[-1], output, batch["size"])
+            output = {k: v for k, v in output.items() if k not in MASK_OUTPUT_KEYS}
         outputs.append(output)  # fetched below, all at once
     outputs = jax.device_get(outputs)
     predictions = {"record": np.concatenate(rows),

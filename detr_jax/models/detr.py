@@ -6,7 +6,9 @@ normalised) and padding_mask [B, H, W] bool (True = padding) returns
   {"pred_logits": [B, Q, C'] float32 (``classification`` "softmax": C' = num_classes + 1, the last
                   no-object; "sigmoid_focal": C' = num_classes),
    "pred_boxes":  [B, Q, 4] float32, (cx, cy, w, h) normalised by the unpadded image size,
-   "aux_outputs": [{"pred_logits", "pred_boxes"} for decoder layers 0 .. L-2]}.
+   "aux_outputs": [{"pred_logits", "pred_boxes"} for decoder layers 0 .. L-2]},
+  and with ``masks`` "pred_masks" [B, Q, H/4, W/4] float32 mask logits and "pred_masks_hw" [B, 2, 2]
+  (``detr_jax.models.segmentation``; ``DETR.mask_logits``).
 
 The encoder-decoder between backbone and heads is ``decoder``'s (``detr_jax.models.decoders``:
 DETR, Conditional DETR, DAB-DETR).
@@ -14,7 +16,8 @@ DETR, Conditional DETR, DAB-DETR).
 With ``mutable=["intermediates"]`` it also sows backbone_features [B, h, w, C], feature_mask
 [B, h, w], pos [B, h, w, d], proj_src [B, h, w, d], memory [B, h, w, d], hs [L, B, Q, d] and, for
 decoders with references, references [L, B, Q, R]; with ``label_embedding``, query_content
-[B, P + Q, d] (``content_queries``).
+[B, P + Q, d] (``content_queries``); with ``masks``, bbox_mask [B, Q, heads, h, w] (the mask head's
+attention maps).
 With ``mutable=["attention"]`` every attention module sows its softmax weights [B, heads, Lq, Lk]
 (``detr_jax.models.attention_maps`` reads the last layers' maps out of them).
 """
@@ -30,6 +33,7 @@ from detr_jax.models.layers import (MLP, dense, inverse_sigmoid, torch_default_b
                                     xavier_uniform)
 from detr_jax.models.position import LearnedPositionEmbedding, SinePositionEmbedding, downsample_mask
 from detr_jax.models.resnet import BACKBONES, ResNet, halve, normalize, valid_region
+from detr_jax.models.segmentation import MaskHeadSmallConv, MHAttentionMap, full_hw
 
 
 def class_head(num_classes: int, hidden_dim: int, classification: str, name: str = "class_embed") -> nn.Dense:
@@ -98,6 +102,9 @@ def image_valid_hw(padding_mask):
     return jnp.stack([not_padding.any(2).sum(1), not_padding.any(1).sum(1)], axis=1).astype(jnp.int32)
 
 
+MASK_HEAD_MODULES = ("bbox_attention", "mask_head")  # the parameters ``masks`` adds (official DETRsegm's own)
+
+
 class DETR(nn.Module):
     """``padding``: "exact" (each image's outputs are those of the image alone, unpadded, whatever its
     canvas and batch; the backbone must be a ResNet) or "official" (the canvas is convolved whole and
@@ -128,6 +135,7 @@ class DETR(nn.Module):
     msda_impl: str = "gather"  # Deformable DETR, detr_jax.models.deformable.MSDA_IMPLS
     num_feature_levels: int = 4  # Deformable DETR: 4 (C3..C5 and a stride-64 conv) or 1 (C5)
     label_embedding: bool = False  # DN-DETR: content queries embed a label (``label_enc``); see ``content_queries``
+    masks: bool = False  # the panoptic mask head: "pred_masks" (``detr_jax.models.segmentation``)
 
     @nn.compact
     def __call__(self, images, padding_mask, train: bool = False, denoising=None):
@@ -182,6 +190,9 @@ class DETR(nn.Module):
             "pred_boxes": boxes[-1],
             "aux_outputs": [{"pred_logits": l, "pred_boxes": x} for l, x in zip(logits[:-1], boxes[:-1])],
         }
+        if self.masks:
+            outputs["pred_masks"], outputs["pred_masks_hw"] = self.mask_logits(hs[-1][:, num_dn:], memory, masks[0], levels[0][0], features,
+                                                     padding_mask)
         if encoder_outputs is not None:
             outputs["enc_outputs"] = {k: v.astype(jnp.float32) for k, v in encoder_outputs.items()}
         if num_dn:
@@ -229,17 +240,43 @@ class DETR(nn.Module):
                  for i in range(count)])
 
     def single_scale(self, images, padding_mask):
-        """-> (backbone features [B, h, w, C], [(src [B, h, w, d], mask [B, h, w])]): the last stage
-        through a 1x1 projection (official DETR, Conditional, DAB)."""
+        """-> (backbone features [B, h, w, C] (with ``masks``: the list C2, C3, C4, C5), [(src [B, h, w, d],
+        mask [B, h, w])]): the last stage through a 1x1 projection (official DETR, Conditional, DAB)."""
+        if self.masks and (not isinstance(self.backbone, ResNet) or self.backbone.num_outputs != 4):
+            raise ValueError("config.model.masks needs a named ResNet backbone giving its 4 stages (build_model "
+                             "builds it); a custom backbone cannot be used")
         if self.padding == "exact":
             valid_hw = image_valid_hw(padding_mask)
             features = self.backbone(images.astype(self.dtype), valid_hw)
-            mask = ~valid_region(self.backbone.output_valid_hw(valid_hw), features.shape[1:3])
+            last = features[-1] if self.masks else features
+            mask = ~valid_region(self.backbone.output_valid_hw(valid_hw), last.shape[1:3])
         else:
             features = self.backbone(images.astype(self.dtype))
-            mask = downsample_mask(padding_mask, features.shape[1:3])
-        src = dense(self.hidden_dim, features.shape[-1], self.dtype, "input_proj")(features)
+            last = features[-1] if self.masks else features
+            mask = downsample_mask(padding_mask, last.shape[1:3])
+        src = dense(self.hidden_dim, last.shape[-1], self.dtype, "input_proj")(last)
         return features, [(src, mask)]
+
+    def mask_logits(self, hs, memory, mask, src, stages, padding_mask):
+        """The official DETRsegm head: hs [B, Q, d] (last decoder layer), memory [B, h, w, d], mask
+        [B, h, w], src [B, h, w, d] (projected C5), stages [C2, C3, C4, C5] -> (pred_masks [B, Q, H4, W4],
+        pred_masks_hw [B, 2, 2] int32: the (h, w) of the logits to read, and of the image region they
+        cover on the canvas: "exact" padding: each image's own; "official": the whole maps, as official
+        DETR reads them)."""
+        batch, canvas_hw = padding_mask.shape[0], padding_mask.shape[1:]
+        valid = None
+        if self.padding == "exact":
+            image_hw = image_valid_hw(padding_mask)
+            valid = [self.backbone.stage_valid_hw(image_hw, s) for s in (4, 3, 2, 1)]
+        bbox_mask = MHAttentionMap(self.hidden_dim, self.num_heads, name="bbox_attention")(hs, memory, mask)
+        self.sow("intermediates", "bbox_mask", bbox_mask)
+        logits = MaskHeadSmallConv(self.hidden_dim, self.dtype, name="mask_head")(
+            src, bbox_mask, [stages[2], stages[1], stages[0]], valid)
+        if valid is None:
+            sizes = (full_hw(batch, logits.shape[2:]), full_hw(batch, canvas_hw))
+        else:
+            sizes = (valid[-1], image_hw)
+        return logits, jnp.stack(sizes, axis=1).astype(jnp.int32)
 
     def multi_scale(self, images, padding_mask):
         """-> (backbone features [C3, C4, C5] or [C5], [(src [B, h, w, d], mask [B, h, w])] per level), as
@@ -307,7 +344,7 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         conv_impl = resolve_conv_impl(cfg.conv_impl, BACKBONES[cfg.backbone].block)
         backbone = ResNet(BACKBONES[cfg.backbone], dilation=cfg.dilation, norm=cfg.backbone_norm, dtype=dtype,
                           remat=cfg.remat in ("backbone", "all"), conv_impl=conv_impl,
-                          num_outputs=3 if DECODERS[cfg.decoder].multi_scale and cfg.num_feature_levels > 1 else 1)
+                          num_outputs=backbone_outputs(cfg))
     check_padding(cfg.padding, backbone)
     return DETR(
         backbone=backbone, num_classes=cfg.num_classes, classification=cfg.classification, decoder=cfg.decoder,
@@ -318,20 +355,31 @@ def build_model(model_config, backbone: nn.Module | None = None) -> DETR:
         position_embedding=cfg.position_embedding, dtype=dtype, attention=cfg.attention,
         remat_transformer=cfg.remat in ("transformer", "all"), padding=cfg.padding,
         with_box_refine=cfg.with_box_refine, two_stage=cfg.two_stage, msda_impl=cfg.msda_impl,
-        num_feature_levels=cfg.num_feature_levels, label_embedding=cfg.label_embedding,
+        num_feature_levels=cfg.num_feature_levels, label_embedding=cfg.label_embedding, masks=cfg.masks,
     )
+
+
+def backbone_outputs(model_config) -> int:
+    """How many of the ResNet's last stages the model reads: C2..C5 for the mask head, C3..C5 for
+    multi-scale Deformable DETR, else C5."""
+    if model_config.masks:
+        return 4
+    return 3 if DECODERS[model_config.decoder].multi_scale and model_config.num_feature_levels > 1 else 1
 
 
 def trainable_mask(params, model_config):
     """Pytree of bools over ``params``: False for the frozen ResNet stem and stages 1..frozen_stages
     (official 1: stem and layer1; 0: the stem only; -1: nothing, for training from scratch), True
-    elsewhere. A 'custom' backbone is trained whole."""
+    elsewhere. A 'custom' backbone is trained whole. With ``freeze_detector`` only the mask head
+    (MASK_HEAD_MODULES) is trained, as official ``--frozen_weights``."""
     stages = model_config.frozen_stages
     frozen_prefixes = (("conv1",) if stages >= 0 else ()) + tuple(f"layer{s}_" for s in range(1, stages + 1))
     named_resnet = model_config.backbone in BACKBONES
 
     def trainable(path, _):
         keys = [p.key for p in path]
+        if model_config.freeze_detector:
+            return keys[0] in MASK_HEAD_MODULES
         return not (named_resnet and keys[0] == "backbone" and keys[1].startswith(frozen_prefixes))
 
     return jax.tree_util.tree_map_with_path(trainable, params)

@@ -9,12 +9,17 @@ over the local devices. Output directory:
   NAME.png                 (draw) the image with its detections drawn
   NAME_decoder_attention.png  (decoder_attention) each detection's last-layer cross-attention
   NAME_encoder_attention.png  (encoder_pixels) the last encoder layer's self-attention of those pixels
+  NAME_panoptic.png        (masks) the panoptic result drawn: each segment filled, its class written
+  NAME_panoptic_ids.png    (masks) the COCO panoptic PNG (id = R + 256 G + 256^2 B, 0 void), whose
+                           segments detections.json lists under "panoptic": [{"id", "class", "label",
+                           "isthing", "area"}]
 NAME is the image file's name without its suffix (made unique with _2, _3, ... when names repeat).
 """
 import json
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 
@@ -108,9 +113,38 @@ def _attention_figures(out_dir: Path, name: str, image: np.ndarray, detections, 
                          out_dir / f"{name}_encoder_attention.png")
 
 
+def thing_labels(num_classes: int, data_config) -> np.ndarray:
+    """[num_classes] bool, which labels are things (the rest stuff, merged per class by the panoptic
+    post-processing): the run's dataset's own (a synthetic or COCO panoptic folder, read here), else
+    official DETR's COCO panoptic rule (labels = category ids, things 1..90: the official 250-class
+    models, tfds coco/2017_panoptic)."""
+    if data_config is not None and data_config.source in ("synthetic", "coco_panoptic") and data_config.masks:
+        from detr_jax.data import load_dataset
+
+        isthing = np.ones(num_classes, bool)
+        known = np.asarray(load_dataset(data_config, "val", process_index=0, process_count=1).info.isthing, bool)
+        isthing[:min(num_classes, len(known))] = known[:num_classes]
+        return isthing
+    return np.arange(num_classes) <= 90
+
+
+def _panoptic_outputs(out_dir: Path, name: str, pixels, slot: dict, size, orig_size, names, is_thing,
+                      num_classes: int, threshold: float) -> list[dict]:
+    """Write NAME_panoptic.png and NAME_panoptic_ids.png of one image -> its segments for the json."""
+    from detr_jax.evaluation.masks import panoptic_prediction
+    from detr_jax.evaluation.panoptic import panoptic_png
+
+    ids, segments = panoptic_prediction(slot, size, orig_size, is_thing, num_classes, threshold)
+    draw.draw_panoptic(pixels, ids, segments, names).save(out_dir / f"{name}_panoptic.png")
+    (out_dir / f"{name}_panoptic_ids.png").write_bytes(panoptic_png(ids))
+    return [{"id": s["id"], "class": names[s["label"]], "label": s["label"], "isthing": s["isthing"],
+             "area": s["area"]} for s in segments]
+
+
 def detect(model, variables, data_config, paths, out_dir, *, names, threshold: float = 0.7, topk: int = 0,
            batch_size: int = 8, draw_boxes: bool = False, decoder_attention: bool = False, encoder_pixels=(),
-           checkpoint_name: str = "", padding: str = "exact", log=print) -> dict:
+           masks: bool = False, is_thing=None, panoptic_threshold: float = 0.85, checkpoint_name: str = "",
+           padding: str = "exact", log=print) -> dict:
     """Detect objects in the image files ``paths``; write ``out_dir`` (see the module docstring).
 
     model, variables: a DETR module and its variables; data_config: eval sizes and buckets;
@@ -118,11 +152,13 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
     topk: only each image's k best detections (``postprocess``; 0: official); batch_size: images per batch (rounded up to a
     multiple of the local devices); encoder_pixels: (x, y) original-image pixels whose encoder
     self-attention is drawn (clamped to each image); padding: config.model.padding for the
-    detection ("exact": each image as if alone). -> the contents of detections.json.
+    detection ("exact": each image as if alone); masks: the panoptic result of a model with the mask
+    head (``is_thing`` [num_classes] bool, ``thing_labels``; queries scoring more than
+    ``panoptic_threshold`` make segments). -> the contents of detections.json.
     """
     from detr_jax.data import eval_batches
     from detr_jax.data.image_files import load_image_files
-    from detr_jax.evaluation.inference import host_batch_size, predictor, run_batches
+    from detr_jax.evaluation.inference import has_mask_head, host_batch_size, predictor, run_batches
     from detr_jax.parallel import local_mesh
 
     with_attention = decoder_attention or bool(encoder_pixels)
@@ -130,8 +166,13 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
         raise UsageError(f"attention maps need dense attention; the {model.decoder!r} decoder samples a few points "
                          "per query and level (multi-scale deformable attention): drop --decoder_attention and "
                          "--encoder_pixels")
+    if masks and not has_mask_head(model):
+        raise UsageError("--masks draws the panoptic result of a model with the mask head (config.model.masks); "
+                         "this checkpoint's model has none")
+    is_thing = np.arange(model.num_classes) <= 90 if is_thing is None else np.asarray(is_thing, bool)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    data_config = ml_collections.ConfigDict({**data_config.to_dict(), "masks": False})  # image files: no targets
     source = load_image_files(paths, data_config)
     records = source.records
     files = {int(i): (str(p), n) for i, p, n in zip(records.image_id, records.path, output_names(records.path))}
@@ -148,8 +189,12 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
             h, w = (int(v) for v in batch["orig_size"][i])
             detections = select_detections(slot, names, threshold)
             images[image_id] = {"file": path, "width": w, "height": h, "detections": detections}
-            if draw_boxes or with_attention:
+            if draw_boxes or with_attention or masks:
                 pixels = original_pixels(path)
+            if masks:
+                images[image_id]["panoptic"] = _panoptic_outputs(
+                    out_dir, name, pixels, slot, batch["size"][i], (h, w), names, is_thing, model.num_classes,
+                    panoptic_threshold)
             if draw_boxes:
                 draw.draw_detections(pixels, detections).save(out_dir / f"{name}.png")
             if with_attention:
@@ -160,11 +205,12 @@ def detect(model, variables, data_config, paths, out_dir, *, names, threshold: f
         log(f"detect: {len(images)}/{total} images, {sum(len(im['detections']) for im in images.values())} "
             "detections")
     result = {"checkpoint": checkpoint_name, "threshold": threshold, "topk": topk, "class_names": list(names),
+              **({"panoptic_threshold": panoptic_threshold} if masks else {}),
               "images": [images[k] for k in sorted(images)]}
     (out_dir / "detections.json").write_text(json.dumps(result, indent=1) + "\n")
     log(source.report.summary())
-    log(f"wrote {out_dir / 'detections.json'}" + (f" and the pictures in {out_dir}" if draw_boxes or with_attention
-                                                   else ""))
+    log(f"wrote {out_dir / 'detections.json'}" + (f" and the pictures in {out_dir}"
+                                                   if draw_boxes or with_attention or masks else ""))
     return result
 
 
@@ -189,7 +235,8 @@ def detect_checkpoint(config, images, output, *, workdir=None, checkpoint: str =
     or ``step``, a converted directory, an official .pth/.npz for config.model), take the eval sizes
     from config.data (else the training run's), find the images (a file, folder or glob, or a list
     of image paths) and ``detect``. padding: None for config.eval.padding (of config, else of the
-    training run; default "exact"). settings: threshold, topk, batch_size, draw_boxes, decoder_attention."""
+    training run; default "exact"). settings: threshold, topk, batch_size, draw_boxes, decoder_attention,
+    masks, panoptic_threshold (None: config.eval.panoptic_threshold)."""
     from detr_jax import build_model
     from detr_jax.data.image_files import find_images
     from detr_jax.evaluation.checkpoints import data_config_for, eval_settings, load_for_eval
@@ -203,7 +250,12 @@ def detect_checkpoint(config, images, output, *, workdir=None, checkpoint: str =
     model_config = config.model if config is not None and "model" in config else None
     loaded = load_for_eval(checkpoint, workdir=workdir, step=step, model_config=model_config, warn=log)
     data_config = data_config_for(config, loaded)
-    padding = padding or eval_settings(config if config is not None else loaded.run_config).padding
+    settings_of = eval_settings(config if config is not None else loaded.run_config)
+    padding = padding or settings_of.padding
+    if settings.get("panoptic_threshold") is None:
+        settings["panoptic_threshold"] = float(settings_of.panoptic_threshold)
+    if settings.get("masks"):
+        settings["is_thing"] = thing_labels(loaded.model_config.num_classes, data_config)
     paths = find_images(images) if isinstance(images, str) else list(images)
     names = class_names(loaded.model_config.num_classes, data_config, class_names_override, loaded.class_names)
     log(f"detecting with {loaded.name} ({loaded.model_config.backbone}, {loaded.model_config.num_classes} classes) "

@@ -109,3 +109,40 @@ def encoder_attention_figure(image, pixels_xy, maps) -> plt.Figure:
 def save_figure(fig: plt.Figure, path, dpi: int = 100) -> None:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def draw_panoptic(image: Image.Image, ids: np.ndarray, segments, names, alpha: float = 0.55) -> Image.Image:
+    """A copy of ``image`` (RGB, H x W) with each panoptic segment filled in a colour (things: one per
+    segment; stuff: its class's) blended at ``alpha``, its boundary darkened and its class name at
+    its centre. ids [H, W] int: segment id per pixel (0: none); segments: [{"id", "label", "isthing"}]."""
+    base = np.asarray(image.convert("RGB"), np.float32)
+    colours = np.zeros((int(ids.max(initial=0)) + 1, 3), np.float32)
+    for k, segment in enumerate(segments):
+        colours[segment["id"]] = colour(k if segment["isthing"] else segment["label"] + 5)
+    painted = np.where((ids > 0)[..., None], (1 - alpha) * base + alpha * colours[ids], base)
+    edge = np.zeros(ids.shape, bool)
+    edge[:-1] |= ids[:-1] != ids[1:]
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    painted[edge] *= 0.3
+    out = Image.fromarray(painted.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(9, round(min(ids.shape) / 20)))
+    for segment in segments:
+        ys, xs = np.nonzero(ids == segment["id"])
+        if len(ys):
+            k = np.argmin((ys - np.median(ys)) ** 2 + (xs - np.median(xs)) ** 2)  # a pixel of the segment
+            draw.text((int(xs[k]), int(ys[k])), names[segment["label"]], fill=(255, 255, 255), font=font,
+                      anchor="mm", stroke_width=1, stroke_fill=(0, 0, 0))
+    return out
+
+
+def grid(rows, gap: int = 4) -> Image.Image:
+    """Pictures (PIL, any sizes) in a grid, rows [[image, ...], ...], each cell as large as the
+    largest picture, on white."""
+    cell_w = max(im.size[0] for row in rows for im in row)
+    cell_h = max(im.size[1] for row in rows for im in row)
+    out = Image.new("RGB", (len(rows[0]) * (cell_w + gap) - gap, len(rows) * (cell_h + gap) - gap), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, im in enumerate(row):
+            out.paste(im.convert("RGB"), (c * (cell_w + gap), r * (cell_h + gap)))
+    return out
