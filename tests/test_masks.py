@@ -12,16 +12,16 @@ from detr_jax.models.segmentation import resize
 
 
 def tiny_masks_config(**overrides):
-    return model_config(backbone="resnet_tiny", backbone_norm="group_norm", frozen_stages=-1, num_classes=7,
-                        num_queries=5, hidden_dim=128, num_heads=8, num_encoder_layers=1, num_decoder_layers=2,
-                        ffn_dim=64, dropout=0.0, masks=True, **overrides)
+    return model_config(**{**dict(backbone="resnet_tiny", backbone_norm="group_norm", frozen_stages=-1, num_classes=7,
+                                  num_queries=5, hidden_dim=128, num_heads=8, num_encoder_layers=1,
+                                  num_decoder_layers=2, ffn_dim=64, dropout=0.0, masks=True), **overrides})
 
 
 @pytest.fixture(scope="module")
 def tiny():
     cfg = tiny_masks_config()
     model = build_model(cfg)
-    return cfg, model, model.init(jax.random.PRNGKey(0), *init_inputs(cfg))
+    return cfg, model, jax.jit(model.init)(jax.random.PRNGKey(0), *init_inputs(cfg))
 
 
 def test_resize_follows_torch_interpolate_by_hand():
@@ -69,13 +69,14 @@ def test_exact_padding_gives_each_image_its_own_masks_and_losses(tiny):
     image = rng.standard_normal((70, 90, 3)).astype(np.float32)
     segments = np.zeros((70, 90), np.int32)
     segments[5:40, 10:50], segments[30:66, 45:88] = 4, 9
-    alone = model.apply(variables, image[None], np.zeros((1, 70, 90), bool))
+    apply = jax.jit(model.apply)
+    alone = apply(variables, image[None], np.zeros((1, 70, 90), bool))
 
     canvas = np.zeros((2, 96, 128, 3), np.float32)
     canvas[0, :70, :90], canvas[1] = image, rng.standard_normal((96, 128, 3))
     padding = np.ones((2, 96, 128), bool)
     padding[0, :70, :90], padding[1] = False, False
-    padded = model.apply(variables, canvas, padding)
+    padded = apply(variables, canvas, padding)
     hw = np.asarray(alone["pred_masks_hw"][0])
     np.testing.assert_array_equal(hw, [[18, 23], [70, 90]])
     np.testing.assert_array_equal(padded["pred_masks_hw"][0], hw)
@@ -86,10 +87,11 @@ def test_exact_padding_gives_each_image_its_own_masks_and_losses(tiny):
     big_segments[0, :70, :90] = segments
     big_segments[1, 10:50, 10:60] = 4  # another image, the same id: must not leak into image 0's masks
     ids, valid = np.array([[4, 9]]), np.array([[True, True]])
-    _, terms_alone = compute_loss(alone, _targets(segments[None], ids, valid), loss_config(), "softmax")
+    terms_of = jax.jit(lambda out, targets: compute_loss(out, targets, loss_config(), "softmax")[1])
+    terms_alone = terms_of(alone, _targets(segments[None], ids, valid))
     other = np.array([[0, 0]]), np.array([[False, False]])  # image 1 without targets: the same number of boxes
-    _, terms_padded = compute_loss(padded, _targets(big_segments, np.concatenate([ids, other[0]]),
-                                                    np.concatenate([valid, other[1]])), loss_config(), "softmax")
+    terms_padded = terms_of(padded, _targets(big_segments, np.concatenate([ids, other[0]]),
+                                             np.concatenate([valid, other[1]])))
     for name in ("loss_mask", "loss_dice"):
         np.testing.assert_allclose(terms_padded[name], terms_alone[name], rtol=2e-5)
         assert float(terms_alone[name]) > 0
@@ -125,3 +127,26 @@ def test_panoptic_prediction_reads_the_image_region_of_a_padded_canvas():
     quiet = {**slot, "query_scores": np.array([0.4, 0.9]), "query_labels": np.array([1, 3])}
     ids, segments = panoptic_prediction(quiet, (16, 16), (16, 16), np.array([True, True, False]), 3, 0.5)
     assert segments == [] and not ids.any()
+
+
+def test_a_detector_checkpoint_starts_the_mask_model(tiny, tmp_path):
+    """The official recipe's second stage: a detector's official state_dict (no "detr." prefix, no
+    mask head) into the mask model: the detector's weights kept, the mask head fresh (bias 0, as
+    official), under DETRsegm's keys."""
+    from detr_jax.config import init_config
+    from detr_jax.convert import to_official_state_dict
+    from detr_jax.training import initial_variables
+
+    cfg, model, _ = tiny
+    detector_config = tiny_masks_config(masks=False)
+    detector = jax.jit(build_model(detector_config).init)(jax.random.PRNGKey(1), *init_inputs(detector_config))
+    state_dict = to_official_state_dict(detector, detector_config)
+    np.savez(tmp_path / "detector.npz", **state_dict)
+    run = type("Run", (), {})()  # only .model and .init are read
+    run.model, run.init = cfg, init_config(checkpoint=str(tmp_path / "detector.npz"))
+    loaded = to_official_state_dict(initial_variables(run, model, jax.random.PRNGKey(3)), cfg)
+    assert set(loaded) == {"detr." + k for k in state_dict} | {k for k in loaded if k.startswith(MASK_HEAD_MODULES)}
+    for key, value in state_dict.items():
+        np.testing.assert_array_equal(loaded["detr." + key], value, err_msg=key)
+    np.testing.assert_array_equal(loaded["mask_head.lay1.bias"], 0.0)
+    assert np.abs(loaded["mask_head.lay1.weight"]).max() > 0

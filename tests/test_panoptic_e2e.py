@@ -1,6 +1,6 @@
 """The panoptic recipe end to end, at tiny scale: ``python -m detr_jax.demo --panoptic`` trains a
 detector on the synthetic shapes over stuff, then the mask head on the frozen detector, evaluates PQ
-and segm AP, and draws; ``python -m detr_jax.detect --masks`` writes the panoptic files."""
+and segm AP, and draws; ``detect --masks`` writes the panoptic files (its flags: tests/test_visualize.py)."""
 import json
 import subprocess
 import sys
@@ -14,6 +14,7 @@ from conftest import REPO
 from detr_jax.checkpoint import latest_train_variables
 from detr_jax.evaluation.panoptic_quality import read_id_map
 from detr_jax.models.detr import MASK_HEAD_MODULES
+from detr_jax.visualize.detect import detect_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +67,18 @@ def test_detect_masks_writes_the_panoptic_files(demo, tmp_path):
         assert ids.shape == (image["height"], image["width"])
         assert {s["id"] for s in image["panoptic"]} == set(np.unique(ids).tolist()) - {0}
         assert Image.open(drawn_by_demo / f"{name}_panoptic.png").size == (image["width"], image["height"])
-    # the command line, every query's segment kept (threshold 0)
+    # every query's segment kept (threshold 0): the --masks path of the command line's function
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "detr_jax.detect", f"--workdir={workdir / 'masks'}",
-                             f"--images={detections['images'][0]['file']}", f"--output={out}", "--masks",
-                             "--panoptic_threshold=0"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    detect_checkpoint(None, [detections["images"][0]["file"]], out, workdir=str(workdir / "masks"), masks=True,
+                      panoptic_threshold=0.0, threshold=0.5, topk=0, batch_size=2, draw_boxes=False,
+                      decoder_attention=False, log=lambda *a: None)
     (entry,) = json.loads((out / "detections.json").read_text())["images"]
     assert entry["panoptic"] and (out / f"{entry['file'].rsplit('/', 1)[-1].rsplit('.', 1)[0]}_panoptic.png").exists()
+
+
+def test_demo_help_lists_the_panoptic_flags():
+    result = subprocess.run([sys.executable, "-m", "detr_jax.demo", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]  # absl's --help convention
+    for flag in ("--[no]panoptic", "--panoptic_scale"):
+        assert f"  {flag}:" in result.stdout, flag

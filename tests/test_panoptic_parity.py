@@ -2,6 +2,8 @@
 on a padded batch (tests/data/detr_panoptic_r50.npz, made by tests/data/make_panoptic_ref.py from
 tests/panoptic_layout.py's weights): mask logits, attention maps, matching, the mask losses and their
 gradients; and the conversion of the official panoptic layout both ways."""
+from types import SimpleNamespace
+
 import jax
 import numpy as np
 import pytest
@@ -35,9 +37,16 @@ def panoptic():
     config.padding = "official"  # the reference batch is padded the official way
     variables = from_official_state_dict(state_dict, config)
     model = build_model(config)
-    outputs, state = jax.jit(lambda v, x, m: model.apply(v, x, m, mutable=["intermediates"]))(
-        variables, nhwc(images), masks)
-    return ref, config, model, variables, state_dict, (nhwc(images), masks), outputs, state["intermediates"]
+    targets = reference_targets(ref)
+
+    def loss(params):  # one compiled program gives the outputs and the gradients
+        out, state = model.apply({**variables, "params": params}, nhwc(images), masks, mutable=["intermediates"])
+        total, _ = compute_loss(out, targets, loss_config(), config.classification, method="host")
+        return total, (out, state["intermediates"])
+
+    (_, (outputs, inter)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    return SimpleNamespace(ref=ref, config=config, variables=variables, state_dict=state_dict, targets=targets,
+                           outputs=outputs, inter=inter, grads=grads)
 
 
 def reference_targets(ref):
@@ -59,7 +68,7 @@ def reference_targets(ref):
 
 
 def test_mask_logits_and_attention_maps_match_the_official_model(panoptic):
-    ref, _, _, _, _, _, out, inter = panoptic
+    ref, out, inter = panoptic.ref, panoptic.outputs, panoptic.inter
     assert out["pred_masks"].shape == ref["pred_masks"].shape  # [2, 100, 35, 42]: C2 of the 139 x 166 canvas
     np.testing.assert_array_equal(out["pred_masks_hw"][:, 0], [[35, 42]] * 2)
     np.testing.assert_array_equal(out["pred_masks_hw"][:, 1], [[139, 166]] * 2)  # official: the whole canvas
@@ -74,8 +83,7 @@ def test_mask_logits_and_attention_maps_match_the_official_model(panoptic):
 
 
 def test_matching_and_mask_losses_match_the_official_criterion(panoptic):
-    ref, config, _, _, _, _, out, _ = panoptic
-    targets = reference_targets(ref)
+    ref, config, out, targets = panoptic.ref, panoptic.config, panoptic.outputs, panoptic.targets
     matched = match(out, targets, loss_config(), "softmax", "host")
     assert_official_matching(np.asarray(matched), ref)
     _, terms = compute_loss(out, targets, loss_config(), config.classification)
@@ -86,15 +94,8 @@ def test_matching_and_mask_losses_match_the_official_criterion(panoptic):
 
 
 def test_mask_head_gradients_match_the_official_model(panoptic):
-    ref, config, model, variables, state_dict, (images, masks), _, _ = panoptic
-    targets = reference_targets(ref)
-
-    def loss(params):
-        out = model.apply({**variables, "params": params}, images, masks)
-        return compute_loss(out, targets, loss_config(), config.classification, method="host")[0]
-
-    grads = jax.jit(jax.grad(loss))(variables["params"])
-    ours = to_official_state_dict({"params": grads, "buffers": variables["buffers"]}, config)
+    ref, variables = panoptic.ref, panoptic.variables
+    ours = to_official_state_dict({"params": panoptic.grads, "buffers": variables["buffers"]}, panoptic.config)
     keys = [k[len("grad_f64/"):] for k in ref if k.startswith("grad_f64/")]
     assert len(keys) == 8
     for key in keys:
@@ -107,32 +108,10 @@ def test_mask_head_gradients_match_the_official_model(panoptic):
 
 
 def test_the_official_panoptic_layout_converts_both_ways(panoptic):
-    ref, config, _, variables, state_dict, _, _, _ = panoptic
+    ref, config, variables, state_dict = panoptic.ref, panoptic.config, panoptic.variables, panoptic.state_dict
     assert len(official_shapes(config)) == int(ref["num_keys"]) == len(state_dict)  # 490 keys
     assert {k: tuple(np.shape(v)) for k, v in state_dict.items()} == official_shapes(config)
     back = to_official_state_dict(variables, config)
     assert back.keys() == state_dict.keys()
     for key, value in state_dict.items():
         np.testing.assert_array_equal(back[key], value, err_msg=key)
-
-
-def test_a_detector_checkpoint_starts_the_mask_model(panoptic, tmp_path):
-    """The official recipe's second stage: a detector's state_dict (no "detr." prefix, no mask head)
-    into the mask model: the detector's weights kept, the mask head fresh."""
-    from detr_jax.training import initial_variables
-
-    ref, config, _, variables, state_dict, _, _, _ = panoptic
-    detector = {k[len("detr."):]: v for k, v in state_dict.items() if k.startswith("detr.")}
-    path = tmp_path / "detector.npz"
-    np.savez(path, **detector)
-    run = get_config("r50")
-    run.model.padding = "official"
-    run.init.checkpoint = str(path)
-    loaded = initial_variables(run, build_model(run.model), jax.random.PRNGKey(3))
-    loaded_sd = to_official_state_dict(loaded, run.model)
-    for key in ("detr.class_embed.weight", "detr.backbone.0.body.layer1.0.conv1.weight", "detr.query_embed.weight"):
-        np.testing.assert_array_equal(loaded_sd[key], state_dict[key])
-    fresh = loaded_sd["mask_head.lay1.weight"]
-    assert fresh.shape == state_dict["mask_head.lay1.weight"].shape and not np.allclose(fresh, state_dict[
-        "mask_head.lay1.weight"])
-    np.testing.assert_array_equal(loaded_sd["mask_head.lay1.bias"], 0.0)  # the official init: bias 0

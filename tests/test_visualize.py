@@ -204,7 +204,8 @@ def test_detect_help():
     result = run_module("detr_jax.detect", "--help")
     assert result.returncode == 1 and not result.stderr, result.stderr  # absl's --help convention
     for flag in ("--images", "--output", "--workdir", "--checkpoint", "--config", "--threshold", "--topk",
-                 "--[no]draw", "--[no]decoder_attention", "--encoder_pixel", "--class_names", "--batch_size"):
+                 "--[no]draw", "--[no]decoder_attention", "--encoder_pixel", "--class_names", "--batch_size",
+                 "--[no]masks", "--panoptic_threshold"):
         assert f"  {flag}:" in result.stdout, flag
 
 

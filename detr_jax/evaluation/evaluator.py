@@ -32,6 +32,7 @@ from detr_jax.classification import classification as classification_of
 from detr_jax.evaluation import coco
 from detr_jax.evaluation.inference import gather_hosts, has_mask_head, host_batch_size, predict_batches, predictor
 from detr_jax.evaluation.masks import MaskScorer
+from detr_jax.evaluation.panoptic_quality import format_table
 from detr_jax.parallel import local_mesh
 
 NUMBERS = (*coco.METRIC_NAMES, "num_images", "num_detections")  # what process 0 sends to the others
@@ -84,7 +85,7 @@ def score_predictions(predictions: dict, source, gt, *, score_threshold: float =
             "per_class": coco.per_class_ap(evaluator), "summary": summary, "results": results}
 
 
-def score_masks(scorer, log=None) -> dict:
+def score_masks(scorer) -> dict:
     """A gathered ``MaskScorer`` -> {PQ_NAMES: float, "per_class_pq", SEGM_NAMES: float, "segm_summary",
     "pq_table", "segm_results"} (process 0)."""
     results = scorer.summary()
@@ -95,14 +96,8 @@ def score_masks(scorer, log=None) -> dict:
     evaluator, segm_summary = coco.run_cocoeval(gt, scorer.segm_results, [i["id"] for i in scorer.images],
                                                 iou_type="segm")
     segm = {f"segm_{k}": v for k, v in coco.stats_dict(evaluator).items()}
-    return {**numbers, **segm, "per_class_pq": results["per_class"], "pq_table": pq_table(results),
+    return {**numbers, **segm, "per_class_pq": results["per_class"], "pq_table": format_table(results),
             "segm_summary": segm_summary, "segm_results": scorer.segm_results}
-
-
-def pq_table(results: dict) -> str:
-    from detr_jax.evaluation.panoptic_quality import format_table
-
-    return format_table(results)
 
 
 def val_loss_terms(loss_sums: dict, loss_config) -> dict:
@@ -131,15 +126,14 @@ def write_outputs(directory: Path, scored: dict, val_loss: dict, settings: dict)
     (directory / "coco_results.json").write_text(json.dumps(scored["results"]))
     metrics = {**settings, **{k: scored[k] for k in coco.METRIC_NAMES}, **val_loss,
                **{k: scored[k] for k in ("num_images", "num_detections", "per_class")}}
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    coco.write_per_class_csv(directory / "per_class_ap.csv", scored["per_class"])
     text = scored["summary"] + "\n" + coco.format_per_class(scored["per_class"]) + "\n"
     if "PQ" in scored:
-        metrics.update({k: scored[k] for k in PQ_NAMES + SEGM_NAMES})
-        metrics["per_class_pq"] = {str(k): v for k, v in scored["per_class_pq"].items()}
-        (directory / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        metrics.update({k: scored[k] for k in PQ_NAMES + SEGM_NAMES}, panoptic_threshold=scored["panoptic_threshold"],
+                       per_class_pq={str(k): v for k, v in scored["per_class_pq"].items()})
         (directory / "segm_results.json").write_text(json.dumps(scored["segm_results"]))
         text += "panoptic quality:\n" + scored["pq_table"] + "\nsegm:\n" + scored["segm_summary"]
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    coco.write_per_class_csv(directory / "per_class_ap.csv", scored["per_class"])
     (directory / "summary.txt").write_text(text)
 
 

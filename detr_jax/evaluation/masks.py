@@ -78,12 +78,12 @@ def thing_instances(image_id: int, gt_map, gt_segments, is_thing: dict) -> list[
 class MaskScorer:
     """Accumulates PQ statistics and segm entries over a host's evaluated images (module docstring).
 
-    num_classes: the model's; threshold: ``panoptic_prediction``'s (config.eval.panoptic_threshold);
-    keep_png: also keep each image's predicted panoptic PNG and annotation (``write_pngs``, ``write_json``).
+    num_classes: the model's; threshold: ``panoptic_prediction``'s (config.eval.panoptic_threshold).
+    Each image's predicted panoptic PNG and annotation are kept for ``write_pngs`` and ``write_json``.
     """
 
-    def __init__(self, source, *, num_classes: int, threshold: float, keep_png: bool = True):
-        self.source, self.num_classes, self.threshold, self.keep_png = source, num_classes, threshold, keep_png
+    def __init__(self, source, *, num_classes: int, threshold: float):
+        self.source, self.num_classes, self.threshold = source, num_classes, threshold
         self.categories = categories_of(source.info)
         self.is_thing_label = np.asarray(source.info.isthing, bool)
         self.is_thing = {c["id"]: c["isthing"] for c in self.categories}
@@ -109,13 +109,13 @@ class MaskScorer:
         gt_map, gt_segments = self.source.panoptic_ground_truth(row)
         self.stats = pq.accumulate(self.stats, gt_map, gt_segments, pred_map, predicted, self.categories,
                                    image_id=image_id)
-        if self.keep_png:
-            name = f"{image_id:012d}.png"
-            png, annotation = coco_panoptic_annotation(pred_map, predicted, image_id, name, category_ids=None)
-            self.annotations.append(annotation)
-            self.pngs.append((name, png))
+        name = f"{image_id:012d}.png"
+        png, annotation = coco_panoptic_annotation(pred_map, predicted, image_id, name, category_ids=None)
+        self.annotations.append(annotation)
+        self.pngs.append((name, png))
 
-        binary = instance_masks(out["pred_masks"][out["queries"], :mh, :mw], size, tuple(int(s) for s in image_hw), orig, SEGM_THRESHOLD)
+        binary = instance_masks(out["pred_masks"][out["queries"], :mh, :mw], size, tuple(int(s) for s in image_hw),
+                                orig, SEGM_THRESHOLD)
         categories = info.category_ids(out["labels"])
         for k, (score, category) in enumerate(zip(out["scores"], categories)):
             if category >= 0:

@@ -191,8 +191,8 @@ class DETR(nn.Module):
             "aux_outputs": [{"pred_logits": l, "pred_boxes": x} for l, x in zip(logits[:-1], boxes[:-1])],
         }
         if self.masks:
-            outputs["pred_masks"], outputs["pred_masks_hw"] = self.mask_logits(hs[-1][:, num_dn:], memory, masks[0], levels[0][0], features,
-                                                     padding_mask)
+            outputs["pred_masks"], outputs["pred_masks_hw"] = self.mask_logits(
+                hs[-1][:, num_dn:], memory, masks[0], levels[0][0], features, padding_mask)
         if encoder_outputs is not None:
             outputs["enc_outputs"] = {k: v.astype(jnp.float32) for k, v in encoder_outputs.items()}
         if num_dn:
@@ -245,15 +245,13 @@ class DETR(nn.Module):
         if self.masks and (not isinstance(self.backbone, ResNet) or self.backbone.num_outputs != 4):
             raise ValueError("config.model.masks needs a named ResNet backbone giving its 4 stages (build_model "
                              "builds it); a custom backbone cannot be used")
-        if self.padding == "exact":
-            valid_hw = image_valid_hw(padding_mask)
-            features = self.backbone(images.astype(self.dtype), valid_hw)
-            last = features[-1] if self.masks else features
-            mask = ~valid_region(self.backbone.output_valid_hw(valid_hw), last.shape[1:3])
-        else:
-            features = self.backbone(images.astype(self.dtype))
-            last = features[-1] if self.masks else features
-            mask = downsample_mask(padding_mask, last.shape[1:3])
+        exact = self.padding == "exact"
+        valid_hw = image_valid_hw(padding_mask) if exact else None
+        features = self.backbone(images.astype(self.dtype), valid_hw) if exact else self.backbone(
+            images.astype(self.dtype))
+        last = features[-1] if self.masks else features
+        mask = (~valid_region(self.backbone.output_valid_hw(valid_hw), last.shape[1:3]) if exact
+                else downsample_mask(padding_mask, last.shape[1:3]))
         src = dense(self.hidden_dim, last.shape[-1], self.dtype, "input_proj")(last)
         return features, [(src, mask)]
 
